@@ -1,0 +1,45 @@
+"""tokenlay-otel: route ``openai`` calls through Tokenlay and trace them with OpenTelemetry.
+
+Usage::
+
+    from tokenlay_otel import TokenlayOpenAI, metadata, get_tokenlay_metadata
+
+    client = TokenlayOpenAI(
+        provider_api_key=os.environ["PROVIDER_API_KEY"],
+        tokenlay_key=os.environ["TOKENLAY_KEY"],
+        metadata={"user": "user_abc123", "org": "org_456xyz"},
+    )
+    with metadata(feature="autocomplete"):
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=[...])
+    print(get_tokenlay_metadata(reply))      # rule, action, cost, warnings...
+
+Configuration (arguments win over environment variables):
+
+==============================  ====================================================
+``PROVIDER_API_KEY``            provider key for the drop-in clients
+``PROVIDER_API_BASE``           provider base URL (default https://api.openai.com/v1)
+``TOKENLAY_KEY``                Tokenlay key
+``TOKENLAY_BASE_URL``           Tokenlay proxy (default https://api.tokenlay.com)
+``TOKENLAY_METADATA``           default attribution, ``user=u1,org=o1``
+``TOKENLAY_ROUTE``              ``false`` stops routing instrumented clients
+==============================  ====================================================
+
+Attribution precedence, highest first: per-request ``extra_headers``, the innermost
+``metadata()``, outer ``metadata()`` scopes, the client's ``metadata``/``extra_headers``,
+``TOKENLAY_METADATA``.
+"""
+
+from ._client import AsyncTokenlayOpenAI, TokenlayOpenAI
+from ._context import metadata
+from ._protocol import TokenlayResponseMetadata
+from ._responses import get_tokenlay_metadata
+from ._version import __version__
+
+__all__ = [
+    "AsyncTokenlayOpenAI",
+    "TokenlayOpenAI",
+    "TokenlayResponseMetadata",
+    "__version__",
+    "get_tokenlay_metadata",
+    "metadata",
+]

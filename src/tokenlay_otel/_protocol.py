@@ -1,0 +1,400 @@
+"""Tokenlay wire protocol v1: metadata validation, request headers, response headers.
+
+Pure functions only: nothing here touches a span, a client or the network, so every
+rule of the protocol can be tested with plain data.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+from urllib.parse import quote, unquote, urlsplit
+
+__all__ = [
+    "HEADER_PREFIX",
+    "PROVIDER_BASE_HEADER",
+    "PROVIDER_KEY_HEADER",
+    "STANDARD_FIELDS",
+    "RuleAction",
+    "TokenlayResponseMetadata",
+    "build_request_headers",
+    "check_url_security",
+    "decode_value",
+    "encode_value",
+    "field_header",
+    "metadata_from_request_headers",
+    "normalize_field_name",
+    "parse_metadata_env",
+    "parse_response_headers",
+    "proxy_url",
+    "sanitize_metadata",
+    "split_caller_headers",
+    "validate_metadata",
+]
+
+_log = logging.getLogger("tokenlay_otel")
+_T = TypeVar("_T")
+
+HEADER_PREFIX = "x-tokenlay-"
+PROVIDER_KEY_HEADER = "x-tokenlay-provider-key"
+PROVIDER_BASE_HEADER = "x-tokenlay-provider-base"
+STANDARD_FIELDS = ("user", "org", "plan", "project", "feature")
+MAX_VALUE_LENGTH = 1024
+
+# Field names the protocol keeps for itself; a metadata field with one of these names
+# would be read by the proxy as a credential or a provider URL.
+_RESERVED_FIELDS = frozenset({"provider_key", "provider_base"})
+_FIELD_NAME = re.compile(r"[a-z0-9_-]{1,64}")
+# C0 controls and DEL: CR/LF would split headers, NUL truncates them in some servers.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Printable ASCII goes on the wire as is (byte-compatible with the JS SDK); '%' is
+# encoded too so that decoding is unambiguous.
+_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def normalize_field_name(name: str) -> str:
+    """Return the canonical form of a metadata field name (lower case, ``_`` not ``-``).
+
+    Raises:
+        ValueError: the name is not 1-64 of ``[a-z0-9_-]`` or is reserved.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"metadata field names must be strings, got {type(name).__name__}")
+    lowered = name.lower()
+    if not _FIELD_NAME.fullmatch(lowered):
+        raise ValueError(
+            f"invalid metadata field name {name!r}: use 1-64 characters from a-z, 0-9, '_' and '-'"
+        )
+    canonical = lowered.replace("-", "_")
+    if canonical in _RESERVED_FIELDS:
+        raise ValueError(f"{name!r} is reserved by the Tokenlay protocol and cannot be metadata")
+    return canonical
+
+
+def _check_value(field: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"metadata field {field!r} must be a string, got {type(value).__name__}")
+    if _CONTROL.search(value):
+        raise ValueError(
+            f"metadata field {field!r} contains a control character (CR, LF, NUL, tab...); "
+            "remove it before sending"
+        )
+    if len(value) > MAX_VALUE_LENGTH:
+        raise ValueError(
+            f"metadata field {field!r} is {len(value)} characters long; "
+            f"the maximum is {MAX_VALUE_LENGTH}"
+        )
+    return value
+
+
+def validate_metadata(fields: Mapping[str, object]) -> dict[str, str]:
+    """Validate caller-given metadata and return it with canonical field names.
+
+    Raises:
+        ValueError: naming the field whose name or value is not allowed.
+    """
+    out: dict[str, str] = {}
+    for name, value in fields.items():
+        canonical = normalize_field_name(name)
+        out[canonical] = _check_value(canonical, value)
+    return out
+
+
+def sanitize_metadata(fields: Mapping[str, object]) -> tuple[dict[str, str], list[str]]:
+    """Like :func:`validate_metadata` but drops bad fields instead of raising.
+
+    Returns:
+        The valid fields, and one message per dropped field (no values in them).
+    """
+    out: dict[str, str] = {}
+    problems: list[str] = []
+    for name, value in fields.items():
+        try:
+            canonical = normalize_field_name(name)
+            out[canonical] = _check_value(canonical, value)
+        except ValueError as exc:
+            problems.append(str(exc))
+    return out, problems
+
+
+def field_header(field: str) -> str:
+    """The request header that carries the canonical metadata ``field``."""
+    return HEADER_PREFIX + field.replace("_", "-")
+
+
+def encode_value(value: str) -> str:
+    """Percent-encode what cannot travel in a header as is (non-ASCII, '%', edge spaces)."""
+    if value.isascii() and "%" not in value and value.strip(" ") == value:
+        return value
+    encoded = quote(value, safe=_SAFE)
+    # HTTP strips surrounding whitespace from header values; keep it by encoding it.
+    stripped = encoded.lstrip(" ")
+    encoded = "%20" * (len(encoded) - len(stripped)) + stripped
+    stripped = encoded.rstrip(" ")
+    return stripped + "%20" * (len(encoded) - len(stripped))
+
+
+def decode_value(value: str) -> str:
+    """Inverse of :func:`encode_value` (what a proxy does with a metadata header)."""
+    return unquote(value, errors="replace") if "%" in value else value
+
+
+def build_request_headers(
+    *,
+    tokenlay_key: str,
+    provider_key: str | None,
+    provider_base: str,
+    metadata: Mapping[str, str],
+) -> dict[str, str]:
+    """Headers of a request routed through Tokenlay (DESIGN §3), metadata already valid."""
+    headers = {"Authorization": f"Bearer {tokenlay_key}"}
+    if provider_key:
+        headers[PROVIDER_KEY_HEADER] = provider_key
+    headers[PROVIDER_BASE_HEADER] = provider_base
+    for field, value in metadata.items():
+        headers[field_header(field)] = encode_value(value)
+    return headers
+
+
+def split_caller_headers(
+    headers: Mapping[str, object], *, bare_fields: bool
+) -> tuple[dict[str, object], dict[str, object]]:
+    """Split per-request headers into metadata fields and the caller's other headers.
+
+    ``x-tokenlay-<field>`` headers are metadata; with ``bare_fields`` so are the seed
+    README's bare keys (``user``, ``org``, ``plan``, ``project``, ``feature``).
+
+    Returns:
+        (metadata by field name as given, remaining headers), neither validated.
+    """
+    fields: dict[str, object] = {}
+    rest: dict[str, object] = {}
+    for name, value in headers.items():
+        lowered = name.lower() if isinstance(name, str) else ""
+        if lowered.startswith(HEADER_PREFIX) and lowered not in (
+            PROVIDER_KEY_HEADER,
+            PROVIDER_BASE_HEADER,
+        ):
+            fields[lowered[len(HEADER_PREFIX) :]] = value
+        elif bare_fields and lowered in STANDARD_FIELDS:
+            fields[lowered] = value
+        else:
+            rest[name] = value
+    return fields, rest
+
+
+def metadata_from_request_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Read metadata back from request headers, as the proxy does (decoded, canonical)."""
+    out: dict[str, str] = {}
+    for name, value in headers:
+        lowered = name.lower()
+        if not lowered.startswith(HEADER_PREFIX) or lowered in (
+            PROVIDER_KEY_HEADER,
+            PROVIDER_BASE_HEADER,
+        ):
+            continue
+        try:
+            field = normalize_field_name(lowered[len(HEADER_PREFIX) :])
+        except ValueError:
+            continue
+        out[field] = decode_value(value)
+    return out
+
+
+def parse_metadata_env(text: str, *, source: str = "TOKENLAY_METADATA") -> dict[str, str]:
+    """Parse ``user=u1,org=o1`` into validated metadata.
+
+    Raises:
+        ValueError: naming ``source`` and the bad entry.
+    """
+    raw: dict[str, str] = {}
+    for entry in text.split(","):
+        if not entry.strip():
+            continue
+        name, sep, value = entry.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(
+                f"{source}: expected 'field=value' pairs separated by ',', got {entry!r}"
+            )
+        raw[name.strip()] = value.strip()
+    try:
+        return validate_metadata(raw)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url_security(url: str, *, what: str) -> str:
+    """Refuse URLs over which keys would travel in clear text or that are not HTTP.
+
+    Args:
+        url: the URL to check.
+        what: how to name it in the error (the argument or env var that set it).
+
+    Returns:
+        The URL without trailing slashes.
+
+    Raises:
+        ValueError: not http(s), or plain http to a host that is not loopback.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what} must be an http:// or https:// URL, got {url!r}")
+    if scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError(
+            f"{what} is plain http:// to {parts.hostname!r}; keys would travel in clear text. "
+            "Use https://, or http:// only to a loopback address (127.0.0.1, ::1, localhost)"
+        )
+    return url.rstrip("/")
+
+
+def proxy_url(tokenlay_base_url: str, path: str) -> str:
+    """``{tokenlay_base_url}/v1/<path>``, tolerating a base that already ends in ``/v1``."""
+    base = tokenlay_base_url.rstrip("/")
+    if not base.endswith("/v1"):
+        base += "/v1"
+    return f"{base}/{path.lstrip('/')}"
+
+
+RuleAction = Literal["allow", "warn", "block", "queue"]
+_RULE_ACTIONS: tuple[RuleAction, ...] = ("allow", "warn", "block", "queue")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenlayResponseMetadata:
+    """What the Tokenlay proxy said about one call; each field ``None`` when not sent."""
+
+    rule_id: str | None = None
+    rule_action: RuleAction | None = None
+    limit_exceeded: bool | None = None
+    cost: float | None = None
+    tokens_used: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    duration_ms: int | None = None
+    warnings: tuple[str, ...] | None = None
+    model: str | None = None
+
+
+def _ignore(header: str) -> None:
+    _log.debug("ignoring malformed %s response header", header)
+
+
+def _parse_int(header: str, value: str) -> int | None:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        _ignore(header)
+        return None
+    if not math.isfinite(number) or number < 0 or number != int(number):
+        _ignore(header)
+        return None
+    return int(number)
+
+
+def _parse_float(header: str, value: str) -> float | None:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        _ignore(header)
+        return None
+    if not math.isfinite(number) or number < 0:
+        _ignore(header)
+        return None
+    return number
+
+
+def _parse_bool(header: str, value: str) -> bool | None:
+    lowered = value.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    _ignore(header)
+    return None
+
+
+def _parse_warnings(header: str, value: str) -> tuple[str, ...] | None:
+    try:
+        data = json.loads(value)
+    except ValueError:
+        _ignore(header)
+        return None
+    if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
+        _ignore(header)
+        return None
+    return tuple(data)
+
+
+def _parse_text(header: str, value: str) -> str | None:
+    text = value.strip()
+    if not text or _CONTROL.search(text):
+        _ignore(header)
+        return None
+    return text
+
+
+def _parse_action(header: str, value: str) -> RuleAction | None:
+    lowered = value.strip().lower()
+    for action in _RULE_ACTIONS:
+        if lowered == action:
+            return action
+    _ignore(header)
+    return None
+
+
+def parse_response_headers(headers: Mapping[str, str]) -> TokenlayResponseMetadata | None:
+    """Parse the proxy's ``x-tokenlay-*`` response headers; never raises.
+
+    Args:
+        headers: any mapping of header names to values (case of names is ignored).
+
+    Returns:
+        The parsed metadata, or ``None`` when no Tokenlay header is present.
+    """
+    values: dict[str, str] = {}
+    try:
+        for name, value in headers.items():
+            if isinstance(name, str) and isinstance(value, str):
+                lowered = name.lower()
+                if lowered.startswith(HEADER_PREFIX):
+                    values[lowered] = value
+    except Exception:  # a foreign mapping may fail while iterating; treat as no headers
+        _log.debug("could not read response headers", exc_info=True)
+        return None
+    if not values:
+        return None
+
+    return TokenlayResponseMetadata(
+        rule_id=_field(values, "rule-id", _parse_text),
+        rule_action=_field(values, "rule-action", _parse_action),
+        limit_exceeded=_field(values, "limit-exceeded", _parse_bool),
+        cost=_field(values, "cost", _parse_float),
+        tokens_used=_field(values, "tokens-used", _parse_int),
+        input_tokens=_field(values, "input-tokens", _parse_int),
+        output_tokens=_field(values, "output-tokens", _parse_int),
+        duration_ms=_field(values, "duration", _parse_int),
+        warnings=_field(values, "warnings", _parse_warnings),
+        model=_field(values, "model", _parse_text),
+    )
+
+
+def _field(
+    values: Mapping[str, str], suffix: str, parse: Callable[[str, str], _T | None]
+) -> _T | None:
+    header = HEADER_PREFIX + suffix
+    value = values.get(header)
+    return None if value is None else parse(header, value)

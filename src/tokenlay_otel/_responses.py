@@ -1,0 +1,78 @@
+"""Which Tokenlay response metadata belongs to which returned object.
+
+Parsed ``openai`` models do not keep the HTTP response, so the metadata is kept
+beside them, keyed by identity, for as long as the object lives. The object itself
+is never modified.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from ._protocol import TokenlayResponseMetadata, parse_response_headers
+
+__all__ = ["get_tokenlay_metadata", "remember"]
+
+_lock = threading.Lock()
+_by_id: dict[int, tuple[weakref.ref[Any], TokenlayResponseMetadata]] = {}
+
+
+def _forget(ref: weakref.ref[Any], key: int) -> None:
+    with _lock:
+        entry = _by_id.get(key)
+        if entry is not None and entry[0] is ref:
+            del _by_id[key]
+
+
+def remember(obj: object, meta: TokenlayResponseMetadata | None) -> None:
+    """Associate ``meta`` with ``obj`` until ``obj`` is garbage collected."""
+    if meta is None:
+        return
+    key = id(obj)
+    try:
+        ref = weakref.ref(obj, lambda r: _forget(r, key))
+    except TypeError:  # not weak-referenceable (e.g. None, a str): nothing to attach to
+        return
+    with _lock:
+        _by_id[key] = (ref, meta)
+
+
+def _lookup(obj: object) -> TokenlayResponseMetadata | None:
+    with _lock:
+        entry = _by_id.get(id(obj))
+    if entry is not None and entry[0]() is obj:
+        return entry[1]
+    return None
+
+
+def _headers_of(obj: object) -> Any:
+    # APIStatusError and Stream expose `.response`, raw responses `.http_response`,
+    # and an httpx/httpx2 Response has `.headers` itself.
+    for attr in ("http_response", "response"):
+        inner = getattr(obj, attr, None)
+        headers = getattr(inner, "headers", None)
+        if headers is not None:
+            return headers
+    return getattr(obj, "headers", None)
+
+
+def get_tokenlay_metadata(obj: object) -> TokenlayResponseMetadata | None:
+    """What the Tokenlay proxy reported for a call.
+
+    Args:
+        obj: a response returned through a routed client (parsed, raw, or a stream),
+            or the ``openai.APIStatusError`` a blocked call raised.
+
+    Returns:
+        The parsed ``x-tokenlay-*`` headers (for a finished stream, with the cost and
+        token counts of its final usage chunk), or ``None`` when the proxy sent none.
+    """
+    found = _lookup(obj)
+    if found is not None:
+        return found
+    headers = _headers_of(obj)
+    if headers is None:
+        return None
+    return parse_response_headers(headers)

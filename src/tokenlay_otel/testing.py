@@ -1,0 +1,341 @@
+"""A loopback OpenAI-compatible HTTP server that records every request.
+
+For tests and offline demos: it answers chat, legacy completions, embeddings and
+Responses API calls (JSON and SSE streams, with usage), can add ``x-tokenlay-*``
+response headers, and can be told to fail. Standard library only.
+
+Example::
+
+    with FakeOpenAIServer() as server:
+        client = TokenlayOpenAI(tokenlay_base_url=server.url, ...)
+        client.chat.completions.create(model="gpt-4o-mini", messages=[...])
+        print(server.requests[-1].headers["x-tokenlay-user"])
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+__all__ = ["FakeOpenAIServer", "RecordedRequest", "Reply"]
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as it arrived on the wire."""
+
+    method: str
+    path: str
+    #: Header lines in arrival order, names as sent.
+    raw_headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers by lower-cased name (the last value when a name repeats)."""
+        return {name.lower(): value for name, value in self.raw_headers}
+
+    def header_values(self, name: str) -> list[str]:
+        """Every value sent under ``name`` (case-insensitive)."""
+        return [v for n, v in self.raw_headers if n.lower() == name.lower()]
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+@dataclass
+class Reply:
+    """A scripted answer for the next request."""
+
+    status: int = 200
+    body: Any = None
+    #: Sent instead of the server-wide ``response_headers``.
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def _usage_chat(prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+def chat_completion(model: str, text: str = "Hello from the fake server.") -> dict[str, Any]:
+    """A deterministic ``chat.completion`` body."""
+    return {
+        "id": "chatcmpl-fake-1",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": model,
+        "system_fingerprint": "fp_fake",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": _usage_chat(12, 7),
+    }
+
+
+def _chat_chunks(model: str, words: list[str], include_usage: bool) -> Iterator[dict[str, Any]]:
+    base = {"id": "chatcmpl-fake-s", "object": "chat.completion.chunk", "created": 1_700_000_000}
+    base["model"] = model
+    for i, word in enumerate(words):
+        delta: dict[str, Any] = {"content": word}
+        if i == 0:
+            delta["role"] = "assistant"
+        choice = {"index": 0, "delta": delta, "finish_reason": None}
+        yield {**base, "choices": [choice]}
+    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    if include_usage:
+        yield {**base, "choices": [], "usage": _usage_chat(12, len(words))}
+
+
+def _embeddings(model: str, inputs: Any) -> dict[str, Any]:
+    items = inputs if isinstance(inputs, list) else [inputs]
+    return {
+        "object": "list",
+        "model": model,
+        "data": [
+            {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+            for i, _ in enumerate(items)
+        ],
+        "usage": {"prompt_tokens": 5 * len(items), "total_tokens": 5 * len(items)},
+    }
+
+
+def _completion(model: str) -> dict[str, Any]:
+    return {
+        "id": "cmpl-fake-1",
+        "object": "text_completion",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [{"index": 0, "text": " world", "finish_reason": "stop", "logprobs": None}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+
+
+def _response(model: str, text: str = "Hello from the fake server.") -> dict[str, Any]:
+    return {
+        "id": "resp_fake_1",
+        "object": "response",
+        "created_at": 1_700_000_000,
+        "status": "completed",
+        "model": model,
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_fake_1",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": 9,
+            "output_tokens": 6,
+            "total_tokens": 15,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        },
+    }
+
+
+class FakeOpenAIServer:
+    """Serve OpenAI-shaped answers on ``127.0.0.1`` and record every request.
+
+    Args:
+        response_headers: headers added to every answer (e.g. ``x-tokenlay-*``).
+        stream_words: the words a streamed answer is made of.
+    """
+
+    def __init__(
+        self,
+        *,
+        response_headers: Mapping[str, str] | None = None,
+        stream_words: list[str] | None = None,
+    ) -> None:
+        self.requests: list[RecordedRequest] = []
+        self.response_headers: dict[str, str] = dict(response_headers or {})
+        self.stream_words = stream_words or ["Hello", " from", " the", " fake", " server."]
+        self.stream_delay = 0.0
+        self._replies: deque[Reply] = deque()
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def reply(self, reply: Reply) -> None:
+        """Answer the next request with ``reply`` instead of the default."""
+        with self._lock:
+            self._replies.append(reply)
+
+    def start(self) -> FakeOpenAIServer:
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> FakeOpenAIServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _record(self, request: RecordedRequest) -> Reply | None:
+        with self._lock:
+            self.requests.append(request)
+            return self._replies.popleft() if self._replies else None
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # keep test output clean
+
+            def do_GET(self) -> None:
+                self._serve(b"")
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                self._serve(self.rfile.read(length))
+
+            def _serve(self, body: bytes) -> None:
+                recorded = RecordedRequest(
+                    method=self.command,
+                    path=self.path,
+                    raw_headers=tuple(self.headers.items()),
+                    body=body,
+                )
+                scripted = server._record(recorded)
+                if scripted is not None:
+                    self._send_json(
+                        scripted.status, scripted.body, scripted.headers, defaults=False
+                    )
+                    return
+                try:
+                    payload = json.loads(body) if body else {}
+                except ValueError:
+                    self._send_json(400, {"error": {"message": "invalid JSON"}}, {})
+                    return
+                self._default(payload)
+
+            def _default(self, payload: dict[str, Any]) -> None:
+                path = self.path.split("?")[0]
+                model = str(payload.get("model") or "gpt-4o-mini")
+                if path.endswith("/chat/completions"):
+                    if payload.get("stream"):
+                        opts = payload.get("stream_options") or {}
+                        chunks = _chat_chunks(
+                            model, server.stream_words, bool(opts.get("include_usage"))
+                        )
+                        self._send_sse(chunks)
+                    else:
+                        self._send_json(200, chat_completion(model), {})
+                elif path.endswith("/embeddings"):
+                    self._send_json(200, _embeddings(model, payload.get("input")), {})
+                elif path.endswith("/completions"):
+                    self._send_json(200, _completion(model), {})
+                elif path.endswith("/responses"):
+                    if payload.get("stream"):
+                        self._send_sse(self._response_events(model), named=True)
+                    else:
+                        self._send_json(200, _response(model), {})
+                elif path.endswith("/models"):
+                    self._send_json(200, {"object": "list", "data": []}, {})
+                else:
+                    self._send_json(404, {"error": {"message": f"no route {path}"}}, {})
+
+            def _response_events(self, model: str) -> Iterator[dict[str, Any]]:
+                final = _response(model, "".join(server.stream_words))
+                started = {**final, "status": "in_progress", "output": [], "usage": None}
+                yield {"type": "response.created", "response": started, "sequence_number": 0}
+                for i, word in enumerate(server.stream_words, start=1):
+                    yield {
+                        "type": "response.output_text.delta",
+                        "item_id": "msg_fake_1",
+                        "output_index": 0,
+                        "content_index": 0,
+                        "delta": word,
+                        "logprobs": [],
+                        "sequence_number": i,
+                    }
+                n = len(server.stream_words) + 1
+                yield {"type": "response.completed", "response": final, "sequence_number": n}
+
+            def _headers_out(self, extra: Mapping[str, str], *, defaults: bool = True) -> None:
+                merged = {**server.response_headers, **extra} if defaults else extra
+                for name, value in merged.items():
+                    self.send_header(name, value)
+
+            def _send_json(
+                self, status: int, body: Any, headers: Mapping[str, str], *, defaults: bool = True
+            ) -> None:
+                data = json.dumps(body).encode() if not isinstance(body, bytes) else body
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self._headers_out(headers, defaults=defaults)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _send_sse(self, events: Iterator[dict[str, Any]], *, named: bool = False) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self._headers_out({})
+                self.end_headers()
+                try:
+                    for event in events:
+                        line = f"data: {json.dumps(event)}\n\n"
+                        if named:
+                            line = f"event: {event['type']}\n" + line
+                        self._chunk(line.encode())
+                        if server.stream_delay:
+                            time.sleep(server.stream_delay)
+                    if not named:
+                        self._chunk(b"data: [DONE]\n\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped reading: an abandoned stream
+
+            def _chunk(self, data: bytes) -> None:
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+
+        return Handler

@@ -1,0 +1,258 @@
+from __future__ import annotations
+
+import string
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokenlay_otel._protocol import (
+    TokenlayResponseMetadata,
+    build_request_headers,
+    check_url_security,
+    decode_value,
+    encode_value,
+    metadata_from_request_headers,
+    normalize_field_name,
+    parse_metadata_env,
+    parse_response_headers,
+    proxy_url,
+    sanitize_metadata,
+    split_caller_headers,
+    validate_metadata,
+)
+
+field_names = st.from_regex(r"[a-z0-9_]{1,64}", fullmatch=True).filter(
+    lambda n: n not in ("provider_key", "provider_base")
+)
+# Any text without control characters, including non-ASCII, '%' and edge spaces.
+field_values = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), max_size=1024)
+
+
+def test_build_request_headers_is_the_wire_format() -> None:
+    headers = build_request_headers(
+        tokenlay_key="tl",
+        provider_key="pk",
+        provider_base="https://api.mistral.ai/v1",
+        metadata={"user": "user_abc123", "org": "org_456xyz", "feature_flag": "x"},
+    )
+    assert headers == {
+        "Authorization": "Bearer tl",
+        "x-tokenlay-provider-key": "pk",
+        "x-tokenlay-provider-base": "https://api.mistral.ai/v1",
+        "x-tokenlay-user": "user_abc123",
+        "x-tokenlay-org": "org_456xyz",
+        "x-tokenlay-feature-flag": "x",
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "canonical"),
+    [("user", "user"), ("Org", "org"), ("feature-flag", "feature_flag"), ("a_b", "a_b")],
+)
+def test_field_names_are_canonicalised(name: str, canonical: str) -> None:
+    assert normalize_field_name(name) == canonical
+
+
+@pytest.mark.parametrize("name", ["", "a b", "user!", "x" * 65, "ünï", "provider-key"])
+def test_bad_field_names_are_rejected(name: str) -> None:
+    with pytest.raises(ValueError, match=r"field|reserved"):
+        normalize_field_name(name)
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Evil: 1", "a\nb", "nul\x00", "tab\there", "del\x7f"])
+def test_control_characters_are_rejected_naming_the_field(value: str) -> None:
+    with pytest.raises(ValueError, match=r"'user'.*control character"):
+        validate_metadata({"user": value})
+
+
+def test_overlong_values_are_rejected() -> None:
+    validate_metadata({"user": "x" * 1024})
+    with pytest.raises(ValueError, match="'user' is 1025 characters long"):
+        validate_metadata({"user": "x" * 1025})
+
+
+def test_non_string_values_are_rejected() -> None:
+    with pytest.raises(ValueError, match="'user' must be a string"):
+        validate_metadata({"user": 42})
+
+
+def test_sanitize_drops_only_bad_fields() -> None:
+    valid, problems = sanitize_metadata({"user": "ok", "org": "bad\n", "no way": "x"})
+    assert valid == {"user": "ok"}
+    assert len(problems) == 2
+    assert all("bad\n" not in p for p in problems)
+
+
+def test_encoding_keeps_printable_ascii_byte_for_byte() -> None:
+    assert encode_value("user_abc123 / plan:pro?") == "user_abc123 / plan:pro?"
+    assert encode_value("Zoë") == "Zo%C3%AB"
+    assert encode_value("100%") == "100%25"
+    assert encode_value(" pad ") == "%20pad%20"
+    assert decode_value("Zo%C3%AB") == "Zoë"
+
+
+@given(st.dictionaries(field_names, field_values, max_size=8))
+def test_any_valid_metadata_survives_the_round_trip(fields: dict[str, str]) -> None:
+    headers = build_request_headers(
+        tokenlay_key="tl", provider_key="pk", provider_base="https://p", metadata=fields
+    )
+    for name, value in headers.items():
+        assert "\r" not in value
+        assert "\n" not in value
+        assert value.isascii()
+        assert value == value.strip(" \t"), "HTTP would strip this"
+        value.encode("latin-1")
+        assert name.lower() == name or name == "Authorization"
+    assert metadata_from_request_headers(headers.items()) == fields
+
+
+@given(st.dictionaries(st.text(max_size=70), st.text(max_size=1100), max_size=6))
+def test_validation_never_lets_a_header_breaker_through(fields: dict[str, str]) -> None:
+    valid, _ = sanitize_metadata(fields)
+    headers = build_request_headers(
+        tokenlay_key="tl", provider_key="pk", provider_base="https://p", metadata=valid
+    )
+    assert all("\r" not in v and "\n" not in v and "\x00" not in v for v in headers.values())
+    assert all(len(v) <= 3 * 1024 * 4 for v in headers.values())
+
+
+@given(st.dictionaries(st.text(max_size=40), st.text(max_size=200), max_size=12))
+def test_response_parser_never_raises(headers: dict[str, str]) -> None:
+    parse_response_headers(headers)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "x-tokenlay-rule-id",
+                "x-tokenlay-rule-action",
+                "x-tokenlay-limit-exceeded",
+                "x-tokenlay-cost",
+                "x-tokenlay-tokens-used",
+                "x-tokenlay-input-tokens",
+                "x-tokenlay-output-tokens",
+                "x-tokenlay-duration",
+                "x-tokenlay-warnings",
+                "x-tokenlay-model",
+            ]
+        ),
+        st.text(max_size=60),
+    )
+)
+def test_response_parser_never_raises_on_known_headers(headers: dict[str, str]) -> None:
+    meta = parse_response_headers(headers)
+    assert meta is None or isinstance(meta, TokenlayResponseMetadata)
+
+
+def test_response_headers_are_parsed() -> None:
+    meta = parse_response_headers(
+        {
+            "X-Tokenlay-Rule-Id": "free-tier",
+            "x-tokenlay-rule-action": "WARN",
+            "x-tokenlay-limit-exceeded": "true",
+            "x-tokenlay-cost": "0.00123",
+            "x-tokenlay-tokens-used": "19",
+            "x-tokenlay-input-tokens": "12",
+            "x-tokenlay-output-tokens": "7",
+            "x-tokenlay-duration": "42",
+            "x-tokenlay-warnings": '["80% of monthly budget"]',
+            "x-tokenlay-model": "gpt-4o-mini",
+            "content-type": "application/json",
+        }
+    )
+    assert meta == TokenlayResponseMetadata(
+        rule_id="free-tier",
+        rule_action="warn",
+        limit_exceeded=True,
+        cost=0.00123,
+        tokens_used=19,
+        input_tokens=12,
+        output_tokens=7,
+        duration_ms=42,
+        warnings=("80% of monthly budget",),
+        model="gpt-4o-mini",
+    )
+
+
+def test_malformed_response_headers_are_ignored_one_by_one() -> None:
+    meta = parse_response_headers(
+        {
+            "x-tokenlay-rule-action": "explode",
+            "x-tokenlay-limit-exceeded": "maybe",
+            "x-tokenlay-cost": "NaN",
+            "x-tokenlay-tokens-used": "-3",
+            "x-tokenlay-input-tokens": "1.5",
+            "x-tokenlay-output-tokens": "abc",
+            "x-tokenlay-duration": "inf",
+            "x-tokenlay-warnings": "not json",
+            "x-tokenlay-model": "   ",
+            "x-tokenlay-rule-id": "r1",
+        }
+    )
+    assert meta == TokenlayResponseMetadata(rule_id="r1")
+
+
+def test_no_tokenlay_headers_means_none() -> None:
+    assert parse_response_headers({"content-type": "application/json"}) is None
+
+
+def test_warnings_must_be_a_list_of_strings() -> None:
+    assert parse_response_headers({"x-tokenlay-warnings": '["a", 1]'}) == TokenlayResponseMetadata()
+    assert parse_response_headers({"x-tokenlay-warnings": '"a"'}) == TokenlayResponseMetadata()
+
+
+def test_split_caller_headers() -> None:
+    fields, rest = split_caller_headers(
+        {"user": "u", "X-Tokenlay-Plan": "pro", "X-Custom": "c", "x-tokenlay-provider-key": "k"},
+        bare_fields=True,
+    )
+    assert fields == {"user": "u", "plan": "pro"}
+    assert rest == {"X-Custom": "c", "x-tokenlay-provider-key": "k"}
+    fields, rest = split_caller_headers({"user": "u"}, bare_fields=False)
+    assert (fields, rest) == ({}, {"user": "u"})
+
+
+def test_metadata_env() -> None:
+    assert parse_metadata_env("user=u1, org=o1,,") == {"user": "u1", "org": "o1"}
+    assert parse_metadata_env("") == {}
+    with pytest.raises(ValueError, match="TOKENLAY_METADATA: expected 'field=value'"):
+        parse_metadata_env("user")
+    with pytest.raises(ValueError, match="TOKENLAY_METADATA: invalid metadata field name"):
+        parse_metadata_env("bad name=1")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.tokenlay.com",
+        "http://127.0.0.1:8080",
+        "http://localhost:1",
+        "http://[::1]:9/",
+        "http://127.5.5.5",
+    ],
+)
+def test_safe_urls(url: str) -> None:
+    assert check_url_security(url, what="x") == url.rstrip("/")
+
+
+@pytest.mark.parametrize(
+    "url", ["http://api.tokenlay.com", "http://10.0.0.1", "ftp://x", "api.tokenlay.com"]
+)
+def test_unsafe_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="tokenlay_base_url"):
+        check_url_security(url, what="tokenlay_base_url")
+
+
+def test_proxy_url() -> None:
+    assert proxy_url("https://t", "/chat/completions") == "https://t/v1/chat/completions"
+    assert proxy_url("https://t/v1/", "chat/completions") == "https://t/v1/chat/completions"
+    assert proxy_url("http://127.0.0.1:9/base", "embeddings") == (
+        "http://127.0.0.1:9/base/v1/embeddings"
+    )
+
+
+def test_printable_ascii_is_all_safe() -> None:
+    text = "".join(c for c in string.printable if c not in "\t\n\r\x0b\x0c%")
+    assert encode_value(text.strip()) == text.strip()
