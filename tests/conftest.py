@@ -36,3 +36,49 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def server() -> Iterator[FakeOpenAIServer]:
     with FakeOpenAIServer() as srv:
         yield srv
+
+
+class SpanCapture:
+    """An SDK tracer provider with an in-memory exporter, for one test."""
+
+    def __init__(self, sampler: object = None) -> None:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider(sampler=sampler) if sampler is not None else TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+
+    def spans(self) -> list:
+        return list(self.exporter.get_finished_spans())
+
+    def only_span(self):
+        spans = self.spans()
+        assert len(spans) == 1, [s.name for s in spans]
+        return spans[0]
+
+
+@pytest.fixture
+def telemetry() -> SpanCapture:
+    return SpanCapture()
+
+
+@pytest.fixture
+def instrument(telemetry: SpanCapture, monkeypatch: pytest.MonkeyPatch):
+    """Call instrument(**env) to instrument with that environment; undone after the test."""
+    from tokenlay_otel import TokenlayInstrumentor
+    from tokenlay_otel._config import Settings
+
+    instrumentor = TokenlayInstrumentor()
+
+    def run(provider: object = None, **env: str) -> TokenlayInstrumentor:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        instrumentor.instrument(
+            tracer_provider=provider or telemetry.provider, settings=Settings.from_env()
+        )
+        return instrumentor
+
+    yield run
+    instrumentor.uninstrument()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 
 import openai
@@ -213,9 +214,17 @@ def test_get_tokenlay_metadata_for_plain_raw_and_stream(server: FakeOpenAIServer
     assert raw.parse().choices[0].message.content
 
     stream = client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    assert text == "Hello from the fake server."
-    assert get_tokenlay_metadata(stream) == expected
+    chunks = list(stream)
+    # The usage-only chunk the SDK asked for is hidden from the caller...
+    assert all(c.choices for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == (
+        "Hello from the fake server."
+    )
+    assert server.requests[-1].json()["stream_options"] == {"include_usage": True}
+    # ...and its token counts complete what the headers said.
+    assert get_tokenlay_metadata(stream) == dataclasses.replace(
+        expected, input_tokens=12, output_tokens=5, tokens_used=17
+    )
 
     assert get_tokenlay_metadata(object()) is None
 

@@ -48,7 +48,7 @@ def test_decorating_a_generator_is_refused() -> None:
     with pytest.raises(TypeError, match="generator"):
 
         @metadata(user="u")
-        def gen():  # type: ignore[no-untyped-def]
+        def gen():
             yield 1
 
 

@@ -31,12 +31,14 @@ Attribution precedence, highest first: per-request ``extra_headers``, the innerm
 
 from ._client import AsyncTokenlayOpenAI, TokenlayOpenAI
 from ._context import metadata
+from ._instrumentor import TokenlayInstrumentor
 from ._protocol import TokenlayResponseMetadata
 from ._responses import get_tokenlay_metadata
 from ._version import __version__
 
 __all__ = [
     "AsyncTokenlayOpenAI",
+    "TokenlayInstrumentor",
     "TokenlayOpenAI",
     "TokenlayResponseMetadata",
     "__version__",

@@ -13,8 +13,10 @@ from typing import Any, cast
 
 import openai
 
-from ._config import Route, client_route
+from ._config import Route, Settings, client_route
+from ._instrumentor import TokenlayInstrumentor
 from ._protocol import split_caller_headers, validate_metadata
+from ._telemetry import Telemetry
 from ._wrappers import note_http_response, request_async, request_sync
 
 __all__ = ["AsyncTokenlayOpenAI", "TokenlayOpenAI"]
@@ -70,6 +72,7 @@ class _TokenlayClient:
     """Construction and ``copy()`` shared by the sync and async clients."""
 
     _tokenlay_route: Route
+    _tokenlay_telemetry: Telemetry
 
     def __init__(
         self,
@@ -93,6 +96,7 @@ class _TokenlayClient:
         )
         cast(Any, super()).__init__(**openai_kwargs)
         self._tokenlay_route = route
+        self._tokenlay_telemetry = Telemetry.create(settings=Settings.from_env())
 
     def copy(self, **kwargs: Any) -> Any:
         """Like ``openai``'s ``copy()``/``with_options()``, keeping the Tokenlay settings."""
@@ -124,7 +128,14 @@ class TokenlayOpenAI(_TokenlayClient, openai.OpenAI):  # type: ignore[misc]  # c
     """
 
     def request(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]  # pass-through
-        return request_sync(super().request, self, self._tokenlay_route, args, kwargs)
+        return request_sync(
+            super().request,
+            self,
+            args,
+            kwargs,
+            route=self._tokenlay_route,
+            telemetry=TokenlayInstrumentor.active_telemetry or self._tokenlay_telemetry,
+        )
 
     def _process_response(self, **kwargs: Any) -> Any:  # type: ignore[override]  # pass-through
         note_http_response(kwargs.get("response"))
@@ -138,7 +149,14 @@ class AsyncTokenlayOpenAI(_TokenlayClient, openai.AsyncOpenAI):  # type: ignore[
     """
 
     async def request(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        return await request_async(super().request, self, self._tokenlay_route, args, kwargs)
+        return await request_async(
+            super().request,
+            self,
+            args,
+            kwargs,
+            route=self._tokenlay_route,
+            telemetry=TokenlayInstrumentor.active_telemetry or self._tokenlay_telemetry,
+        )
 
     async def _process_response(self, **kwargs: Any) -> Any:  # type: ignore[override]
         note_http_response(kwargs.get("response"))

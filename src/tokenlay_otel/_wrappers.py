@@ -13,6 +13,7 @@ from typing import Any
 
 from openai import Omit
 
+from ._attributes import PROVIDER, Endpoint, endpoint_for
 from ._config import Route
 from ._context import current_metadata
 from ._protocol import (
@@ -26,29 +27,53 @@ from ._protocol import (
 )
 from ._responses import remember
 from ._safety import guard, log
+from ._streams import wrap_result
+from ._telemetry import LLMCall, Telemetry
 
 __all__ = ["note_http_response", "request_async", "request_sync"]
 
-_ACTIVE: ContextVar[_Call | None] = ContextVar("tokenlay_call", default=None)
+_ACTIVE: ContextVar[_Request | None] = ContextVar("tokenlay_request", default=None)
+_ABSOLUTE = ("http://", "https://")
+# Providers known to accept stream_options.include_usage on direct (unrouted) calls.
+_USAGE_OPTION_PROVIDERS = frozenset({"openai", "azure.ai.openai"})
 # Bad metadata on the auto-instrumented path is dropped with one warning per problem.
 _warned: set[str] = set()
 
 
-class _Call:
-    """State of one LLM call, from ``request`` entry to its result."""
+class _Request:
+    """State of one ``request`` call, visible to the ``_process_response`` tap."""
 
-    __slots__ = ("http_response", "metadata", "routed")
+    __slots__ = ("hide_usage", "http_response", "llm", "streaming")
 
-    def __init__(self, metadata: Mapping[str, str], *, routed: bool) -> None:
-        self.metadata = metadata
-        self.routed = routed
+    def __init__(self, llm: LLMCall | None, *, streaming: bool, hide_usage: bool) -> None:
+        self.llm = llm
+        self.streaming = streaming
+        self.hide_usage = hide_usage
         self.http_response: Any = None
 
-    def finish(self, result: object) -> None:
+    def detach(self) -> None:
+        if self.llm is not None:
+            with guard("detaching the span context"):
+                self.llm.detach()
+
+    def failed(self, exc: BaseException) -> None:
+        if self.llm is not None:
+            self.llm.fail(exc)
+
+    def finished(self, result: Any) -> Any:
         with guard("recording the response"):
-            headers = getattr(self.http_response, "headers", None)
-            if headers is not None:
-                remember(result, parse_response_headers(headers))
+            if self.llm is None:
+                headers = getattr(self.http_response, "headers", None)
+                if headers is not None:
+                    remember(result, parse_response_headers(headers))
+                return result
+            self.llm.http_response = self.http_response
+            return wrap_result(
+                self.llm, result, streaming=self.streaming, hide_usage=self.hide_usage
+            )
+        if self.llm is not None:  # our failure: end the span, return the call's result as is
+            self.llm.end()
+        return result
 
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, bool]:
@@ -111,17 +136,13 @@ def _routed_headers(
     return headers
 
 
-def _start(client: Any, route: Route | None, options: Any) -> tuple[Any, _Call]:
-    """Route ``options`` (a copy) and compute the call's attribution.
-
-    Raises ``ValueError`` only for bad per-request metadata on a strict (drop-in) route.
-    """
-    caller_headers = options.headers if isinstance(options.headers, Mapping) else {}
-    caller_fields, caller_rest = split_caller_headers(caller_headers, bare_fields=route is not None)
-    per_request = validate_metadata(caller_fields) if route and route.strict else None
-    if per_request is None:
-        per_request = _drop_bad(caller_fields)
-
+def _metadata_for(
+    client: Any, route: Route | None, caller_fields: Mapping[str, object]
+) -> dict[str, str]:
+    """Attribution of a call, lowest precedence first. Raises only on a strict route."""
+    per_request = (
+        validate_metadata(caller_fields) if route and route.strict else _drop_bad(caller_fields)
+    )
     metadata: dict[str, str] = {}
     if route is not None:
         metadata.update(route.metadata)
@@ -132,79 +153,169 @@ def _start(client: Any, route: Route | None, options: Any) -> tuple[Any, _Call]:
         else:
             metadata[field] = value
     metadata.update(per_request)
+    return metadata
 
+
+def _wants_usage_chunk(
+    endpoint: Endpoint | None, body: Mapping[str, Any], *, routed: bool, provider: str
+) -> bool:
+    if endpoint is None or not endpoint.stream_usage_option or body.get("stream") is not True:
+        return False
+    options = body.get("stream_options")
+    if isinstance(options, Mapping) and "include_usage" in options:
+        return False  # the caller decided
+    # Other OpenAI-compatible servers may reject the option; the proxy accepts it.
+    return routed or provider in _USAGE_OPTION_PROVIDERS
+
+
+def _start(
+    client: Any,
+    route: Route | None,
+    telemetry: Telemetry | None,
+    options: Any,
+    caller_fields: Mapping[str, object],
+    caller_rest: Mapping[str, object],
+) -> tuple[Any, _Request]:
+    metadata = _metadata_for(client, route, caller_fields)
     url = options.url
-    if route is None or not isinstance(url, str) or url.startswith(("http://", "https://")):
-        return options, _Call(metadata, routed=False)
-    routed = options.model_copy(
-        update={
-            "url": proxy_url(route.tokenlay_base_url, url),
-            "headers": _routed_headers(client, route, caller_rest, metadata),
-        }
+    routed = route is not None and isinstance(url, str) and not url.startswith(_ABSOLUTE)
+    body: Mapping[str, Any] = options.json_data if isinstance(options.json_data, Mapping) else {}
+    endpoint = endpoint_for(options.method, url) if telemetry and isinstance(url, str) else None
+    provider_base = (route.provider_base if route else None) or str(client.base_url).rstrip("/")
+
+    llm = _start_span(telemetry, endpoint, body, metadata, provider_base, routed=routed)
+    provider = llm.provider[PROVIDER] if llm else ""
+    hide_usage = _wants_usage_chunk(endpoint, body, routed=routed, provider=provider)
+    request = _Request(llm, streaming=body.get("stream") is True, hide_usage=hide_usage)
+    try:
+        update: dict[str, Any] = {}
+        if hide_usage:
+            stream_options = body.get("stream_options")
+            stream_options = dict(stream_options) if isinstance(stream_options, Mapping) else {}
+            update["json_data"] = {
+                **body,
+                "stream_options": {**stream_options, "include_usage": True},
+            }
+        if routed and route is not None:
+            headers = _routed_headers(client, route, caller_rest, metadata)
+            if llm is not None:
+                with guard("propagating the trace context"):
+                    headers.update(llm.trace_headers())
+            update["url"] = proxy_url(route.tokenlay_base_url, url)
+            update["headers"] = headers
+        return (options.model_copy(update=update) if update else options), request
+    except BaseException:
+        request.detach()
+        if llm is not None:
+            llm.end()
+        raise
+
+
+def _start_span(
+    telemetry: Telemetry | None,
+    endpoint: Endpoint | None,
+    body: Mapping[str, Any],
+    metadata: Mapping[str, str],
+    provider_base: str,
+    *,
+    routed: bool,
+) -> LLMCall | None:
+    """The call's span, started; ``None`` if not an LLM call or if telemetry failed
+    (routing goes on without it: spend control matters more than a span)."""
+    if telemetry is None or endpoint is None:
+        return None
+    llm = LLMCall(
+        telemetry,
+        endpoint,
+        body=body,
+        metadata=metadata,
+        provider_base=provider_base,
+        routed=routed,
     )
-    return routed, _Call(metadata, routed=True)
+    with guard("starting the span"):
+        llm.start()
+        return llm
+    llm.detach()
+    llm.end()
+    return None
 
 
 def _begin(
-    client: Any, route: Route | None, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any], _Call | None]:
+    client: Any,
+    route: Route | None,
+    telemetry: Telemetry | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[tuple[Any, ...], dict[str, Any], _Request | None]:
     options, in_kwargs = _bind(args, kwargs)
+    caller_headers = options.headers if isinstance(options.headers, Mapping) else {}
+    caller_fields, caller_rest = split_caller_headers(caller_headers, bare_fields=route is not None)
     if route is not None and route.strict:
-        # Caller input on a drop-in client: a bad value is the caller's error to see.
-        new_options, call = _start(client, route, options)
-        return (*_rebind(args, kwargs, new_options, in_kwargs), call)
-    with guard("routing the request"):
-        new_options, call = _start(client, route, options)
-        return (*_rebind(args, kwargs, new_options, in_kwargs), call)
-    return args, kwargs, None
+        # Caller input on a drop-in client: a bad value is the caller's error to see,
+        # raised before anything is sent.
+        validate_metadata(caller_fields)
+    with guard("starting the call"):
+        new_options, request = _start(client, route, telemetry, options, caller_fields, caller_rest)
+        return (*_rebind(args, kwargs, new_options, in_kwargs), request)
+    return args, kwargs, None  # our own failure: the call goes ahead as the caller made it
 
 
 def request_sync(
     wrapped: Callable[..., Any],
     client: Any,
-    route: Route | None,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    *,
+    route: Route | None,
+    telemetry: Telemetry | None,
 ) -> Any:
     """Run ``client.request`` through Tokenlay routing and telemetry."""
-    if _ACTIVE.get() is not None:
+    if _ACTIVE.get() is not None:  # already handled by an outer layer (drop-in client)
         return wrapped(*args, **kwargs)
-    args, kwargs, call = _begin(client, route, args, kwargs)
-    if call is None:
+    args, kwargs, request = _begin(client, route, telemetry, args, kwargs)
+    if request is None:
         return wrapped(*args, **kwargs)
-    token = _ACTIVE.set(call)
+    token = _ACTIVE.set(request)
     try:
         result = wrapped(*args, **kwargs)
+    except BaseException as exc:
+        request.failed(exc)
+        raise
     finally:
         _ACTIVE.reset(token)
-    call.finish(result)
-    return result
+        request.detach()
+    return request.finished(result)
 
 
 async def request_async(
     wrapped: Callable[..., Awaitable[Any]],
     client: Any,
-    route: Route | None,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    *,
+    route: Route | None,
+    telemetry: Telemetry | None,
 ) -> Any:
     """Async twin of :func:`request_sync`; differs only by ``await``."""
     if _ACTIVE.get() is not None:
         return await wrapped(*args, **kwargs)
-    args, kwargs, call = _begin(client, route, args, kwargs)
-    if call is None:
+    args, kwargs, request = _begin(client, route, telemetry, args, kwargs)
+    if request is None:
         return await wrapped(*args, **kwargs)
-    token = _ACTIVE.set(call)
+    token = _ACTIVE.set(request)
     try:
         result = await wrapped(*args, **kwargs)
+    except BaseException as exc:
+        request.failed(exc)
+        raise
     finally:
         _ACTIVE.reset(token)
-    call.finish(result)
-    return result
+        request.detach()
+    return request.finished(result)
 
 
 def note_http_response(response: object) -> None:
     """Called from ``_process_response``: the HTTP response of the active call."""
-    call = _ACTIVE.get()
-    if call is not None:
-        call.http_response = response
+    request = _ACTIVE.get()
+    if request is not None:
+        request.http_response = response

@@ -157,6 +157,15 @@ def _response(model: str, text: str = "Hello from the fake server.") -> dict[str
     }
 
 
+class _Server(ThreadingHTTPServer):
+    # Many concurrent clients connect at once in tests: the default backlog of 5 would
+    # refuse some of them.
+    request_queue_size = 256
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client hanging up mid-stream is normal here
+
+
 class FakeOpenAIServer:
     """Serve OpenAI-shaped answers on ``127.0.0.1`` and record every request.
 
@@ -177,7 +186,7 @@ class FakeOpenAIServer:
         self.stream_delay = 0.0
         self._replies: deque[Reply] = deque()
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._httpd = _Server(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -282,21 +291,42 @@ class FakeOpenAIServer:
                     self._send_json(404, {"error": {"message": f"no route {path}"}}, {})
 
             def _response_events(self, model: str) -> Iterator[dict[str, Any]]:
-                final = _response(model, "".join(server.stream_words))
+                text = "".join(server.stream_words)
+                final = _response(model, text)
                 started = {**final, "status": "in_progress", "output": [], "usage": None}
-                yield {"type": "response.created", "response": started, "sequence_number": 0}
-                for i, word in enumerate(server.stream_words, start=1):
-                    yield {
-                        "type": "response.output_text.delta",
-                        "item_id": "msg_fake_1",
+                item = {**final["output"][0], "status": "in_progress", "content": []}
+                part = {"type": "output_text", "text": "", "annotations": []}
+                where = {"item_id": "msg_fake_1", "output_index": 0, "content_index": 0}
+                events: list[dict[str, Any]] = [
+                    {"type": "response.created", "response": started},
+                    {"type": "response.output_item.added", "output_index": 0, "item": item},
+                    {"type": "response.content_part.added", **where, "part": part},
+                ]
+                for word in server.stream_words:
+                    events.append(
+                        {
+                            "type": "response.output_text.delta",
+                            **where,
+                            "delta": word,
+                            "logprobs": [],
+                        }
+                    )
+                events += [
+                    {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+                    {
+                        "type": "response.content_part.done",
+                        **where,
+                        "part": {**part, "text": text},
+                    },
+                    {
+                        "type": "response.output_item.done",
                         "output_index": 0,
-                        "content_index": 0,
-                        "delta": word,
-                        "logprobs": [],
-                        "sequence_number": i,
-                    }
-                n = len(server.stream_words) + 1
-                yield {"type": "response.completed", "response": final, "sequence_number": n}
+                        "item": final["output"][0],
+                    },
+                    {"type": "response.completed", "response": final},
+                ]
+                for number, event in enumerate(events):
+                    yield {**event, "sequence_number": number}
 
             def _headers_out(self, extra: Mapping[str, str], *, defaults: bool = True) -> None:
                 merged = {**server.response_headers, **extra} if defaults else extra

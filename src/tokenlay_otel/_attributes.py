@@ -1,0 +1,329 @@
+"""Request and response data -> span attributes (OpenTelemetry GenAI conventions).
+
+Pure: functions take plain values (request JSON, parsed responses, headers) and return
+dicts; they never see a span.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from ._protocol import TokenlayResponseMetadata
+
+__all__ = [
+    "Endpoint",
+    "Usage",
+    "endpoint_for",
+    "error_type",
+    "metadata_attributes",
+    "provider_attributes",
+    "request_attributes",
+    "response_attributes",
+    "tokenlay_response_attributes",
+    "usage_attributes",
+    "usage_of",
+]
+
+# Attribute names (GenAI semantic conventions, released v1.37+ names).
+OPERATION = "gen_ai.operation.name"
+PROVIDER = "gen_ai.provider.name"
+REQUEST_MODEL = "gen_ai.request.model"
+RESPONSE_MODEL = "gen_ai.response.model"
+RESPONSE_ID = "gen_ai.response.id"
+FINISH_REASONS = "gen_ai.response.finish_reasons"
+INPUT_TOKENS = "gen_ai.usage.input_tokens"
+OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+CACHED_INPUT_TOKENS = "gen_ai.usage.cache_read.input_tokens"
+REASONING_TOKENS = "gen_ai.usage.reasoning.output_tokens"
+TIME_TO_FIRST_CHUNK = "gen_ai.response.time_to_first_chunk"
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
+ERROR_TYPE = "error.type"
+API_TYPE = "openai.api.type"
+REQUEST_SERVICE_TIER = "openai.request.service_tier"
+RESPONSE_SERVICE_TIER = "openai.response.service_tier"
+SYSTEM_FINGERPRINT = "openai.response.system_fingerprint"
+INPUT_MESSAGES = "gen_ai.input.messages"
+OUTPUT_MESSAGES = "gen_ai.output.messages"
+ROUTED = "tokenlay.routed"
+RULE_ID = "tokenlay.rule.id"
+RULE_ACTION = "tokenlay.rule.action"
+LIMIT_EXCEEDED = "tokenlay.limit_exceeded"
+MODEL_SHIFTED = "tokenlay.model_shifted"
+COST = "tokenlay.cost.usd"
+COST_SOURCE = "tokenlay.cost.source"
+WARNING_EVENT = "tokenlay.warning"
+WARNING_MESSAGE = "tokenlay.warning.message"
+STANDARD_METADATA = ("user", "org", "plan", "project", "feature")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One family of OpenAI API calls, told by the request path."""
+
+    operation: str
+    api_type: str | None
+    #: Whether the endpoint accepts ``stream_options.include_usage``.
+    stream_usage_option: bool
+
+
+_CHAT = Endpoint("chat", "chat_completions", True)
+_RESPONSES = Endpoint("chat", "responses", False)
+_COMPLETIONS = Endpoint("text_completion", None, True)
+_EMBEDDINGS = Endpoint("embeddings", None, False)
+
+
+def endpoint_for(method: str, path: str) -> Endpoint | None:
+    """The endpoint of a request, or ``None`` for calls that are not LLM operations."""
+    if method.lower() != "post":
+        return None
+    tail = path.split("?", 1)[0].rstrip("/")
+    if tail.endswith("chat/completions"):
+        return _CHAT
+    if tail.endswith("responses"):
+        return _RESPONSES
+    if tail.endswith("completions"):
+        return _COMPLETIONS
+    if tail.endswith("embeddings"):
+        return _EMBEDDINGS
+    return None
+
+
+# Host suffix -> well-known gen_ai.provider.name value.
+_PROVIDERS: tuple[tuple[str, str], ...] = (
+    ("api.openai.com", "openai"),
+    (".openai.azure.com", "azure.ai.openai"),
+    (".cognitiveservices.azure.com", "azure.ai.openai"),
+    (".services.ai.azure.com", "azure.ai.inference"),
+    ("api.mistral.ai", "mistral_ai"),
+    ("api.anthropic.com", "anthropic"),
+    ("api.groq.com", "groq"),
+    ("api.deepseek.com", "deepseek"),
+    ("api.x.ai", "x_ai"),
+    ("api.cohere.com", "cohere"),
+    ("api.cohere.ai", "cohere"),
+    ("api.perplexity.ai", "perplexity"),
+    ("generativelanguage.googleapis.com", "gcp.gemini"),
+    ("aiplatform.googleapis.com", "gcp.vertex_ai"),
+    (".amazonaws.com", "aws.bedrock"),
+    (".ml.cloud.ibm.com", "ibm.watsonx.ai"),
+)
+
+
+def provider_attributes(base_url: str) -> dict[str, Any]:
+    """``gen_ai.provider.name``, ``server.address`` and ``server.port`` of a provider URL."""
+    parts = urlsplit(base_url)
+    host = (parts.hostname or "").lower()
+    name = host or "unknown"
+    for suffix, provider in _PROVIDERS:
+        bare = suffix.lstrip(".")
+        if host == bare or host.endswith("." + bare):
+            name = provider
+            break
+    attrs: dict[str, Any] = {PROVIDER: name}
+    if host:
+        attrs[SERVER_ADDRESS] = host
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        attrs[SERVER_PORT] = port or (443 if parts.scheme == "https" else 80)
+    return attrs
+
+
+def _number(value: Any) -> float | int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value
+
+
+def request_attributes(body: Mapping[str, Any], endpoint: Endpoint) -> dict[str, Any]:
+    """Attributes known from the request body, before the call is made."""
+    attrs: dict[str, Any] = {OPERATION: endpoint.operation}
+    if endpoint.api_type:
+        attrs[API_TYPE] = endpoint.api_type
+    model = body.get("model")
+    if isinstance(model, str):
+        attrs[REQUEST_MODEL] = model
+    for key, name in (
+        ("temperature", "gen_ai.request.temperature"),
+        ("top_p", "gen_ai.request.top_p"),
+        ("frequency_penalty", "gen_ai.request.frequency_penalty"),
+        ("presence_penalty", "gen_ai.request.presence_penalty"),
+        ("seed", "gen_ai.request.seed"),
+    ):
+        value = _number(body.get(key))
+        if value is not None:
+            attrs[name] = value
+    for key in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
+        value = _number(body.get(key))
+        if value is not None:
+            attrs["gen_ai.request.max_tokens"] = value
+            break
+    n = _number(body.get("n"))
+    if n is not None and n != 1:
+        attrs["gen_ai.request.choice.count"] = n
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        attrs["gen_ai.request.stop_sequences"] = (stop,)
+    elif isinstance(stop, list | tuple) and all(isinstance(s, str) for s in stop):
+        attrs["gen_ai.request.stop_sequences"] = tuple(stop)
+    if body.get("stream") is True:
+        attrs["gen_ai.request.stream"] = True
+    tier = body.get("service_tier")
+    if isinstance(tier, str) and tier != "auto":
+        attrs[REQUEST_SERVICE_TIER] = tier
+    return attrs
+
+
+def metadata_attributes(metadata: Mapping[str, str]) -> dict[str, str]:
+    """``tokenlay.user`` ... for standard fields, ``tokenlay.metadata.<name>`` otherwise."""
+    return {
+        (f"tokenlay.{k}" if k in STANDARD_METADATA else f"tokenlay.metadata.{k}"): v
+        for k, v in metadata.items()
+    }
+
+
+def _get(obj: Any, key: str) -> Any:
+    """Field of a parsed openai model or of a plain dict (raw JSON, stream events)."""
+    if isinstance(obj, Mapping):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one call, whichever API shape they came in."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    #: ``usage.cost`` (USD) when a proxy reported it in the body (OpenRouter convention).
+    cost: float | None = None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def usage_of(usage: Any) -> Usage | None:
+    """Normalise chat/completions (``prompt_tokens``) and responses (``input_tokens``)."""
+    if usage is None:
+        return None
+    input_tokens = _int(_get(usage, "input_tokens"))
+    if input_tokens is None:
+        input_tokens = _int(_get(usage, "prompt_tokens"))
+    output_tokens = _int(_get(usage, "output_tokens"))
+    if output_tokens is None:
+        output_tokens = _int(_get(usage, "completion_tokens"))
+    in_details = _get(usage, "input_tokens_details") or _get(usage, "prompt_tokens_details")
+    out_details = _get(usage, "output_tokens_details") or _get(usage, "completion_tokens_details")
+    cost = _get(usage, "cost")
+    if cost is None and not isinstance(usage, Mapping):
+        extra = getattr(usage, "model_extra", None) or {}
+        cost = extra.get("cost")
+    cost_value = _number(cost)
+    return Usage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_input_tokens=_int(_get(in_details, "cached_tokens")) if in_details else None,
+        reasoning_tokens=_int(_get(out_details, "reasoning_tokens")) if out_details else None,
+        cost=float(cost_value) if cost_value is not None and cost_value >= 0 else None,
+    )
+
+
+def usage_attributes(usage: Usage) -> dict[str, Any]:
+    attrs: dict[str, Any] = {}
+    for name, value in (
+        (INPUT_TOKENS, usage.input_tokens),
+        (OUTPUT_TOKENS, usage.output_tokens),
+        (CACHED_INPUT_TOKENS, usage.cached_input_tokens),
+        (REASONING_TOKENS, usage.reasoning_tokens),
+    ):
+        if value is not None:
+            attrs[name] = value
+    return attrs
+
+
+def _finish_reasons(response: Any) -> tuple[str, ...] | None:
+    choices = _get(response, "choices")
+    if isinstance(choices, list):
+        reasons = [_get(c, "finish_reason") for c in choices]
+        found = tuple(r for r in reasons if isinstance(r, str))
+        return found or None
+    status = _get(response, "status")
+    if not isinstance(status, str):
+        return None
+    # Responses API: a status, not per-choice reasons.
+    if status == "incomplete":
+        reason = _get(_get(response, "incomplete_details"), "reason")
+        return (reason if isinstance(reason, str) else "incomplete",)
+    if status == "completed":
+        output = _get(response, "output")
+        if isinstance(output, list) and any(_get(o, "type") == "function_call" for o in output):
+            return ("tool_calls",)
+        return ("stop",)
+    return (status,)
+
+
+def response_attributes(response: Any) -> dict[str, Any]:
+    """Attributes of a complete response (parsed model or the raw JSON dict)."""
+    attrs: dict[str, Any] = {}
+    response_id = _get(response, "id")
+    if isinstance(response_id, str):
+        attrs[RESPONSE_ID] = response_id
+    model = _get(response, "model")
+    if isinstance(model, str):
+        attrs[RESPONSE_MODEL] = model
+    reasons = _finish_reasons(response)
+    if reasons:
+        attrs[FINISH_REASONS] = reasons
+    tier = _get(response, "service_tier")
+    if isinstance(tier, str):
+        attrs[RESPONSE_SERVICE_TIER] = tier
+    fingerprint = _get(response, "system_fingerprint")
+    if isinstance(fingerprint, str):
+        attrs[SYSTEM_FINGERPRINT] = fingerprint
+    return attrs
+
+
+_DATED = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4}|\d{8})$")
+
+
+def model_shifted(requested: str | None, used: str | None) -> bool | None:
+    """Whether the model used differs from the one asked for (a dated version does not)."""
+    if not requested or not used:
+        return None
+    if used == requested:
+        return False
+    suffix = used[len(requested) :] if used.startswith(requested) else ""
+    return not (suffix and _DATED.fullmatch(suffix))
+
+
+def tokenlay_response_attributes(meta: TokenlayResponseMetadata) -> dict[str, Any]:
+    """Span attributes from the proxy's ``x-tokenlay-*`` response headers."""
+    attrs: dict[str, Any] = {}
+    if meta.rule_id is not None:
+        attrs[RULE_ID] = meta.rule_id
+    if meta.rule_action is not None:
+        attrs[RULE_ACTION] = meta.rule_action
+    if meta.limit_exceeded is not None:
+        attrs[LIMIT_EXCEEDED] = meta.limit_exceeded
+    return attrs
+
+
+def error_type(exc: BaseException) -> str:
+    """``error.type``: the HTTP status for API errors, else the exception's class name."""
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int) and not isinstance(status, bool):
+        return str(status)
+    cls = type(exc)
+    top = cls.__module__.split(".", 1)[0]
+    if top == "builtins":
+        return cls.__qualname__
+    return f"{top}.{cls.__qualname__}"

@@ -1,0 +1,323 @@
+"""Stream and raw-response proxies that end the call's span exactly once.
+
+A stream ends when it is exhausted, fails, is closed (``close()``, ``with`` exit) or is
+garbage collected after being abandoned (``break``, an exception in the caller's loop,
+a dropped reference). The proxies keep the openai objects' public surface: anything
+not defined here is forwarded to the wrapped object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import weakref
+from typing import Any, cast
+
+import openai
+import wrapt
+
+from . import _attributes as A
+from ._content import stream_output_messages
+from ._protocol import TokenlayResponseMetadata
+from ._responses import remember
+from ._safety import guard
+from ._telemetry import LLMCall
+
+__all__ = ["wrap_result"]
+
+_STREAM_END_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+class _StreamState:
+    """What a stream has carried so far; the hooks every stream proxy calls."""
+
+    __slots__ = (
+        "__weakref__",
+        "call",
+        "final_response",
+        "fingerprint",
+        "hide_usage",
+        "meta",
+        "model",
+        "reasons",
+        "response_id",
+        "service_tier",
+        "texts",
+        "usage",
+    )
+
+    def __init__(self, call: LLMCall, *, hide_usage: bool) -> None:
+        self.call = call
+        self.meta = call.proxy_metadata()
+        self.hide_usage = hide_usage
+        self.usage: A.Usage | None = None
+        self.final_response: Any = None
+        self.response_id: str | None = None
+        self.model: str | None = None
+        self.fingerprint: str | None = None
+        self.service_tier: str | None = None
+        self.reasons: dict[int, str] = {}
+        self.texts: dict[int, list[str]] | None = (
+            {} if call.telemetry.settings.capture_content else None
+        )
+
+    def on_chunk(self, chunk: Any) -> bool:
+        """Account for one chunk; ``True`` when it is our usage chunk, to hide."""
+        hide = False
+        with guard("reading a stream chunk"):
+            self.call.mark_first_chunk()
+            event_type = getattr(chunk, "type", None)
+            if isinstance(event_type, str):  # Responses API event
+                if event_type in _STREAM_END_EVENTS:
+                    self.final_response = getattr(chunk, "response", None)
+                return False
+            if self.response_id is None:
+                self.response_id = getattr(chunk, "id", None)
+                self.model = getattr(chunk, "model", None)
+            usage = getattr(chunk, "usage", None)
+            choices = getattr(chunk, "choices", None) or ()
+            if usage is not None:
+                self.usage = A.usage_of(usage)
+                hide = self.hide_usage and not choices
+            fingerprint = getattr(chunk, "system_fingerprint", None)
+            if fingerprint:
+                self.fingerprint = fingerprint
+            tier = getattr(chunk, "service_tier", None)
+            if tier:
+                self.service_tier = tier
+            for choice in choices:
+                reason = choice.finish_reason
+                if reason:
+                    self.reasons[choice.index] = reason
+                if self.texts is not None:
+                    delta = getattr(choice, "delta", None)
+                    source, name = (delta, "content") if delta else (choice, "text")
+                    text = getattr(source, name, None)
+                    if text:
+                        self.texts.setdefault(choice.index, []).append(text)
+        return hide
+
+    def on_end(self, error: BaseException | None, result: object) -> None:
+        """The stream is over (exhausted, failed, closed or abandoned)."""
+        with guard("ending a stream"):
+            if self.call.ended:
+                return
+            if self.final_response is not None:
+                self.call.end(response=self.final_response, meta=self.meta, error=error)
+                usage = A.usage_of(getattr(self.final_response, "usage", None))
+            else:
+                attrs: dict[str, Any] = {}
+                if isinstance(self.response_id, str):
+                    attrs[A.RESPONSE_ID] = self.response_id
+                if isinstance(self.model, str):
+                    attrs[A.RESPONSE_MODEL] = self.model
+                if self.reasons:
+                    attrs[A.FINISH_REASONS] = tuple(self.reasons[i] for i in sorted(self.reasons))
+                if self.fingerprint:
+                    attrs[A.SYSTEM_FINGERPRINT] = self.fingerprint
+                if self.service_tier:
+                    attrs[A.RESPONSE_SERVICE_TIER] = self.service_tier
+                output = None
+                if self.texts is not None and (self.texts or self.reasons):
+                    output = stream_output_messages(self.texts, self.reasons)
+                usage = self.usage
+                self.call.end(
+                    response_attrs=attrs, usage=usage, meta=self.meta, output=output, error=error
+                )
+            remember(result, _with_usage(self.meta, usage))
+
+
+def _with_usage(
+    meta: TokenlayResponseMetadata | None, usage: A.Usage | None
+) -> TokenlayResponseMetadata | None:
+    """The proxy's headers completed by what its final usage chunk said."""
+    if usage is None:
+        return meta
+    base = meta or TokenlayResponseMetadata()
+    total = None
+    if usage.input_tokens is not None and usage.output_tokens is not None:
+        total = usage.input_tokens + usage.output_tokens
+    return dataclasses.replace(
+        base,
+        cost=base.cost if base.cost is not None else usage.cost,
+        input_tokens=base.input_tokens if base.input_tokens is not None else usage.input_tokens,
+        output_tokens=(
+            base.output_tokens if base.output_tokens is not None else usage.output_tokens
+        ),
+        tokens_used=base.tokens_used if base.tokens_used is not None else total,
+    )
+
+
+def _abandoned(state: _StreamState, stream: Any, sync: bool) -> None:
+    # Runs at garbage collection of the proxy: end the span, release the connection.
+    state.on_end(None, None)
+    if sync:
+        with guard("closing an abandoned stream"):
+            stream.close()
+
+
+class TracedStream(wrapt.ObjectProxy):  # type: ignore[type-arg,misc]  # generic only in wrapt 2
+    """``openai.Stream`` that records its chunks and ends the span."""
+
+    def __init__(self, wrapped: Any, state: _StreamState) -> None:
+        super().__init__(wrapped)
+        self._self_state = state
+        weakref.finalize(self, _abandoned, state, wrapped, True)
+
+    def __iter__(self) -> TracedStream:
+        return self
+
+    def __next__(self) -> Any:
+        state = self._self_state
+        while True:
+            try:
+                chunk = self.__wrapped__.__next__()
+            except StopIteration:
+                state.on_end(None, self)
+                raise
+            except BaseException as exc:
+                state.on_end(exc, self)
+                raise
+            if not state.on_chunk(chunk):
+                return chunk
+
+    def close(self) -> None:
+        try:
+            self.__wrapped__.close()
+        finally:
+            self._self_state.on_end(None, self)
+
+    def __enter__(self) -> TracedStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class TracedAsyncStream(wrapt.ObjectProxy):  # type: ignore[type-arg,misc]
+    """``openai.AsyncStream`` twin of :class:`TracedStream`."""
+
+    def __init__(self, wrapped: Any, state: _StreamState) -> None:
+        super().__init__(wrapped)
+        self._self_state = state
+        weakref.finalize(self, _abandoned, state, wrapped, False)
+
+    def __aiter__(self) -> TracedAsyncStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        state = self._self_state
+        while True:
+            try:
+                chunk = await self.__wrapped__.__anext__()
+            except StopAsyncIteration:
+                state.on_end(None, self)
+                raise
+            except BaseException as exc:
+                state.on_end(exc, self)
+                raise
+            if not state.on_chunk(chunk):
+                return chunk
+
+    async def close(self) -> None:
+        try:
+            await self.__wrapped__.close()
+        finally:
+            self._self_state.on_end(None, self)
+
+    async def __aenter__(self) -> TracedAsyncStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def _wrap_parsed(call: LLMCall, parsed: Any, hide_usage: bool) -> Any:
+    if isinstance(parsed, openai.Stream):
+        return TracedStream(parsed, _StreamState(call, hide_usage=hide_usage))
+    if isinstance(parsed, openai.AsyncStream):
+        return TracedAsyncStream(parsed, _StreamState(call, hide_usage=hide_usage))
+    meta = call.proxy_metadata()
+    call.end(response=parsed, meta=meta)
+    remember(parsed, meta)
+    return parsed
+
+
+class _RawResponse(wrapt.ObjectProxy):  # type: ignore[type-arg,misc]
+    """A raw response whose body is read later: the span ends at ``parse()``/``close()``."""
+
+    def __init__(self, wrapped: Any, call: LLMCall, hide_usage: bool) -> None:
+        super().__init__(wrapped)
+        self._self_call = call
+        self._self_hide = hide_usage
+        self._self_parsed: dict[int, Any] = {}
+        weakref.finalize(self, call.end)
+
+    def _self_wrap(self, parsed: Any) -> Any:
+        # parse() caches its result, so return the same proxy for the same object.
+        key = id(parsed)
+        if key not in self._self_parsed:
+            wrapped = parsed
+            with guard("wrapping a parsed raw response"):
+                wrapped = _wrap_parsed(self._self_call, parsed, self._self_hide)
+            self._self_parsed[key] = wrapped
+        return self._self_parsed[key]
+
+
+class TracedRawResponse(_RawResponse):
+    def parse(self, *args: Any, **kwargs: Any) -> Any:
+        return self._self_wrap(self.__wrapped__.parse(*args, **kwargs))
+
+    def close(self) -> None:
+        try:
+            self.__wrapped__.close()
+        finally:
+            self._self_call.end(meta=self._self_call.proxy_metadata())
+
+    def __enter__(self) -> TracedRawResponse:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class TracedAsyncRawResponse(_RawResponse):
+    async def parse(self, *args: Any, **kwargs: Any) -> Any:
+        return self._self_wrap(await self.__wrapped__.parse(*args, **kwargs))
+
+    async def close(self) -> None:
+        try:
+            await self.__wrapped__.close()
+        finally:
+            self._self_call.end(meta=self._self_call.proxy_metadata())
+
+
+def _legacy_response_class() -> type | None:
+    try:
+        from openai._legacy_response import LegacyAPIResponse
+    except ImportError:  # pragma: no cover - present in every supported openai
+        return None
+    return LegacyAPIResponse
+
+
+_LEGACY = _legacy_response_class()
+
+
+def wrap_result(call: LLMCall, result: Any, *, streaming: bool, hide_usage: bool) -> Any:
+    """Finish ``call`` now, or hand the result to a proxy that finishes it later."""
+    if isinstance(result, openai.Stream | openai.AsyncStream):
+        return _wrap_parsed(call, result, hide_usage)
+    if _LEGACY is not None and isinstance(result, _LEGACY):
+        if streaming:
+            return TracedRawResponse(result, call, hide_usage)
+        # with_raw_response has already read the body: record it now.
+        meta = call.proxy_metadata()
+        body = json.loads(cast(Any, result).http_response.content)
+        call.end(response=body, meta=meta)
+        remember(result, meta)
+        return result
+    if isinstance(result, openai.AsyncAPIResponse):
+        return TracedAsyncRawResponse(result, call, hide_usage)
+    if isinstance(result, openai.APIResponse):
+        return TracedRawResponse(result, call, hide_usage)
+    return _wrap_parsed(call, result, hide_usage)
