@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from tokenlay_otel import get_tokenlay_metadata
-from tokenlay_otel.testing import FakeOpenAIServer
+from tokenlay_otel.testing import FakeOpenAIServer, Reply
 
 from .conftest import PROVIDER_KEY, TOKENLAY_KEY, SpanCapture
 
@@ -169,3 +169,86 @@ def test_many_abandoned_streams_end_exactly_once(
         del s, it
     gc.collect()
     assert len(telemetry.spans()) == 60
+
+
+def _chunk(delta: dict, index: int = 0, finish: str | None = None, **extra: object) -> dict:  # type: ignore[type-arg]
+    return {
+        "id": "chatcmpl-rec",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
+
+
+def test_tool_call_stream(
+    client: openai.OpenAI, server: FakeOpenAIServer, telemetry: SpanCapture
+) -> None:
+    call = {"index": 0, "id": "call_1", "type": "function"}
+    server.reply(
+        Reply(
+            events=[
+                _chunk(
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{**call, "function": {"name": "f", "arguments": ""}}],
+                    }
+                ),
+                _chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 1}'}}]}),
+                _chunk({}, finish="tool_calls"),
+                {
+                    **_chunk({}),
+                    "choices": [],
+                    "usage": {"prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39},
+                },
+            ]
+        )
+    )
+    chunks = list(stream(client, tools=[{"type": "function", "function": {"name": "f"}}]))
+    assert len(chunks) == 3
+    attrs = telemetry.only_span().attributes
+    assert attrs["gen_ai.response.finish_reasons"] == ("tool_calls",)
+    assert (attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.output_tokens"]) == (30, 9)
+    assert attrs["tokenlay.model_shifted"] is False
+
+
+def test_multiple_choices_stream(
+    client: openai.OpenAI, server: FakeOpenAIServer, telemetry: SpanCapture
+) -> None:
+    server.reply(
+        Reply(
+            events=[
+                _chunk({"role": "assistant", "content": "a"}, 0),
+                _chunk({"role": "assistant", "content": "b"}, 1),
+                _chunk({}, 1, finish="length"),
+                _chunk({}, 0, finish="stop"),
+            ]
+        )
+    )
+    list(stream(client, n=2))
+    attrs = telemetry.only_span().attributes
+    assert attrs["gen_ai.response.finish_reasons"] == ("stop", "length")
+    assert attrs["gen_ai.request.choice.count"] == 2
+
+
+def test_stream_cut_by_the_server(
+    client: openai.OpenAI, server: FakeOpenAIServer, telemetry: SpanCapture
+) -> None:
+    server.reply(
+        Reply(
+            events=[_chunk({"role": "assistant", "content": "a"}) for _ in range(5)],
+            disconnect_after=2,
+        )
+    )
+    received = []
+    with pytest.raises(Exception) as info:  # noqa: PT011  # httpx or httpx2, by openai version
+        for chunk in stream(client):
+            received.append(chunk)
+    assert len(received) == 2
+    span = telemetry.only_span()
+    assert span.status.status_code.name == "ERROR"
+    assert (
+        span.attributes["error.type"]
+        == type(info.value).__module__.split(".")[0] + "." + type(info.value).__qualname__
+    )

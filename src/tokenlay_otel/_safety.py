@@ -12,11 +12,24 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["ENV_RAISE_INTERNAL", "guard", "log"]
+__all__ = ["ENV_RAISE_INTERNAL", "guard", "internal_error", "log"]
 
 log = logging.getLogger("tokenlay_otel")
 
 ENV_RAISE_INTERNAL = "TOKENLAY_OTEL_RAISE_INTERNAL_ERRORS"
+
+
+def internal_error(what: str) -> None:
+    """Report the exception being handled as ours: log it, or re-raise it under tests.
+
+    Call it from an ``except`` block; hot paths use it instead of :func:`guard`.
+    """
+    # Read on the failure path only: the happy path pays nothing for it.
+    if os.environ.get(ENV_RAISE_INTERNAL) == "1":
+        raise  # re-raises the exception the caller is handling
+    log.debug(
+        "tokenlay_otel internal error in %s (the LLM call is unaffected)", what, exc_info=True
+    )
 
 
 @contextmanager
@@ -25,9 +38,4 @@ def guard(what: str) -> Iterator[None]:
     try:
         yield
     except Exception:
-        # Read on the failure path only: the happy path pays nothing for it.
-        if os.environ.get(ENV_RAISE_INTERNAL) == "1":
-            raise
-        log.debug(
-            "tokenlay_otel internal error in %s (the LLM call is unaffected)", what, exc_info=True
-        )
+        internal_error(what)

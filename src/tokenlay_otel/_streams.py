@@ -20,7 +20,7 @@ from . import _attributes as A
 from ._content import stream_output_messages
 from ._protocol import TokenlayResponseMetadata
 from ._responses import remember
-from ._safety import guard
+from ._safety import guard, internal_error
 from ._telemetry import LLMCall
 
 __all__ = ["wrap_result"]
@@ -64,67 +64,65 @@ class _StreamState:
     def on_chunk(self, chunk: Any) -> bool:
         """Account for one chunk; ``True`` when it is our usage chunk, to hide."""
         hide = False
-        with guard("reading a stream chunk"):
-            self.call.mark_first_chunk()
-            event_type = getattr(chunk, "type", None)
-            if isinstance(event_type, str):  # Responses API event
-                if event_type in _STREAM_END_EVENTS:
-                    self.final_response = getattr(chunk, "response", None)
-                return False
-            if self.response_id is None:
-                self.response_id = getattr(chunk, "id", None)
-                self.model = getattr(chunk, "model", None)
-            usage = getattr(chunk, "usage", None)
-            choices = getattr(chunk, "choices", None) or ()
-            if usage is not None:
-                self.usage = A.usage_of(usage)
-                hide = self.hide_usage and not choices
-            fingerprint = getattr(chunk, "system_fingerprint", None)
-            if fingerprint:
-                self.fingerprint = fingerprint
-            tier = getattr(chunk, "service_tier", None)
-            if tier:
-                self.service_tier = tier
-            for choice in choices:
-                reason = choice.finish_reason
-                if reason:
-                    self.reasons[choice.index] = reason
-                if self.texts is not None:
-                    delta = getattr(choice, "delta", None)
-                    source, name = (delta, "content") if delta else (choice, "text")
-                    text = getattr(source, name, None)
-                    if text:
-                        self.texts.setdefault(choice.index, []).append(text)
+        self.call.mark_first_chunk()
+        event_type = getattr(chunk, "type", None)
+        if isinstance(event_type, str):  # Responses API event
+            if event_type in _STREAM_END_EVENTS:
+                self.final_response = getattr(chunk, "response", None)
+            return False
+        if self.response_id is None:
+            self.response_id = getattr(chunk, "id", None)
+            self.model = getattr(chunk, "model", None)
+        usage = getattr(chunk, "usage", None)
+        choices = getattr(chunk, "choices", None) or ()
+        if usage is not None:
+            self.usage = A.usage_of(usage)
+            hide = self.hide_usage and not choices
+        fingerprint = getattr(chunk, "system_fingerprint", None)
+        if fingerprint:
+            self.fingerprint = fingerprint
+        tier = getattr(chunk, "service_tier", None)
+        if tier:
+            self.service_tier = tier
+        for choice in choices:
+            reason = choice.finish_reason
+            if reason:
+                self.reasons[choice.index] = reason
+            if self.texts is not None:
+                delta = getattr(choice, "delta", None)
+                source, name = (delta, "content") if delta else (choice, "text")
+                text = getattr(source, name, None)
+                if text:
+                    self.texts.setdefault(choice.index, []).append(text)
         return hide
 
     def on_end(self, error: BaseException | None, result: object) -> None:
         """The stream is over (exhausted, failed, closed or abandoned)."""
-        with guard("ending a stream"):
-            if self.call.ended:
-                return
-            if self.final_response is not None:
-                self.call.end(response=self.final_response, meta=self.meta, error=error)
-                usage = A.usage_of(getattr(self.final_response, "usage", None))
-            else:
-                attrs: dict[str, Any] = {}
-                if isinstance(self.response_id, str):
-                    attrs[A.RESPONSE_ID] = self.response_id
-                if isinstance(self.model, str):
-                    attrs[A.RESPONSE_MODEL] = self.model
-                if self.reasons:
-                    attrs[A.FINISH_REASONS] = tuple(self.reasons[i] for i in sorted(self.reasons))
-                if self.fingerprint:
-                    attrs[A.SYSTEM_FINGERPRINT] = self.fingerprint
-                if self.service_tier:
-                    attrs[A.RESPONSE_SERVICE_TIER] = self.service_tier
-                output = None
-                if self.texts is not None and (self.texts or self.reasons):
-                    output = stream_output_messages(self.texts, self.reasons)
-                usage = self.usage
-                self.call.end(
-                    response_attrs=attrs, usage=usage, meta=self.meta, output=output, error=error
-                )
-            remember(result, _with_usage(self.meta, usage))
+        if self.call.ended:
+            return
+        if self.final_response is not None:
+            self.call.end(response=self.final_response, meta=self.meta, error=error)
+            usage = A.usage_of(getattr(self.final_response, "usage", None))
+        else:
+            attrs: dict[str, Any] = {}
+            if isinstance(self.response_id, str):
+                attrs[A.RESPONSE_ID] = self.response_id
+            if isinstance(self.model, str):
+                attrs[A.RESPONSE_MODEL] = self.model
+            if self.reasons:
+                attrs[A.FINISH_REASONS] = tuple(self.reasons[i] for i in sorted(self.reasons))
+            if self.fingerprint:
+                attrs[A.SYSTEM_FINGERPRINT] = self.fingerprint
+            if self.service_tier:
+                attrs[A.RESPONSE_SERVICE_TIER] = self.service_tier
+            output = None
+            if self.texts is not None and (self.texts or self.reasons):
+                output = stream_output_messages(self.texts, self.reasons)
+            usage = self.usage
+            self.call.end(
+                response_attrs=attrs, usage=usage, meta=self.meta, output=output, error=error
+            )
+        remember(result, _with_usage(self.meta, usage))
 
 
 def _with_usage(
@@ -148,9 +146,24 @@ def _with_usage(
     )
 
 
+def _chunk(state: _StreamState, chunk: Any) -> bool:
+    try:
+        return state.on_chunk(chunk)
+    except Exception:
+        internal_error("reading a stream chunk")
+        return False
+
+
+def _end(state: _StreamState, error: BaseException | None, result: object) -> None:
+    try:
+        state.on_end(error, result)
+    except Exception:
+        internal_error("ending a stream")
+
+
 def _abandoned(state: _StreamState, stream: Any, sync: bool) -> None:
     # Runs at garbage collection of the proxy: end the span, release the connection.
-    state.on_end(None, None)
+    _end(state, None, None)
     if sync:
         with guard("closing an abandoned stream"):
             stream.close()
@@ -173,19 +186,19 @@ class TracedStream(wrapt.ObjectProxy):  # type: ignore[type-arg,misc]  # generic
             try:
                 chunk = self.__wrapped__.__next__()
             except StopIteration:
-                state.on_end(None, self)
+                _end(state, None, self)
                 raise
             except BaseException as exc:
-                state.on_end(exc, self)
+                _end(state, exc, self)
                 raise
-            if not state.on_chunk(chunk):
+            if not _chunk(state, chunk):
                 return chunk
 
     def close(self) -> None:
         try:
             self.__wrapped__.close()
         finally:
-            self._self_state.on_end(None, self)
+            _end(self._self_state, None, self)
 
     def __enter__(self) -> TracedStream:
         return self
@@ -211,19 +224,19 @@ class TracedAsyncStream(wrapt.ObjectProxy):  # type: ignore[type-arg,misc]
             try:
                 chunk = await self.__wrapped__.__anext__()
             except StopAsyncIteration:
-                state.on_end(None, self)
+                _end(state, None, self)
                 raise
             except BaseException as exc:
-                state.on_end(exc, self)
+                _end(state, exc, self)
                 raise
-            if not state.on_chunk(chunk):
+            if not _chunk(state, chunk):
                 return chunk
 
     async def close(self) -> None:
         try:
             await self.__wrapped__.close()
         finally:
-            self._self_state.on_end(None, self)
+            _end(self._self_state, None, self)
 
     async def __aenter__(self) -> TracedAsyncStream:
         return self

@@ -248,15 +248,20 @@ def _begin(
     kwargs: dict[str, Any],
 ) -> tuple[tuple[Any, ...], dict[str, Any], _Request | None]:
     options, in_kwargs = _bind(args, kwargs)
-    caller_headers = options.headers if isinstance(options.headers, Mapping) else {}
-    caller_fields, caller_rest = split_caller_headers(caller_headers, bare_fields=route is not None)
-    if route is not None and route.strict:
-        # Caller input on a drop-in client: a bad value is the caller's error to see,
-        # raised before anything is sent.
-        validate_metadata(caller_fields)
-    with guard("starting the call"):
-        new_options, request = _start(client, route, telemetry, options, caller_fields, caller_rest)
-        return (*_rebind(args, kwargs, new_options, in_kwargs), request)
+    split: tuple[dict[str, object], dict[str, object]] | None = None
+    with guard("reading the caller's headers"):
+        caller_headers = options.headers if isinstance(options.headers, Mapping) else {}
+        split = split_caller_headers(caller_headers, bare_fields=route is not None)
+    if split is not None:
+        if route is not None and route.strict:
+            # Caller input on a drop-in client: a bad value is the caller's error to see,
+            # raised before anything is sent.
+            validate_metadata(split[0])
+        with guard("routing the call"):
+            new_options, request = _start(client, route, telemetry, options, *split)
+            return (*_rebind(args, kwargs, new_options, in_kwargs), request)
+    if route is not None:
+        log.warning("tokenlay_otel: could not route a call through Tokenlay; sent it unrouted")
     return args, kwargs, None  # our own failure: the call goes ahead as the caller made it
 
 

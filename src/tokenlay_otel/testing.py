@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections import deque
@@ -58,6 +59,10 @@ class Reply:
     body: Any = None
     #: Sent instead of the server-wide ``response_headers``.
     headers: Mapping[str, str] = field(default_factory=dict)
+    #: Answer with these server-sent events instead of ``body``.
+    events: list[dict[str, Any]] | None = None
+    #: With ``events``: drop the connection after this many, without ending the stream.
+    disconnect_after: int | None = None
 
 
 def _usage_chat(prompt: int, completion: int) -> dict[str, Any]:
@@ -252,6 +257,13 @@ class FakeOpenAIServer:
                     body=body,
                 )
                 scripted = server._record(recorded)
+                if scripted is not None and scripted.events is not None:
+                    self._send_sse(
+                        iter(scripted.events),
+                        disconnect_after=scripted.disconnect_after,
+                        headers=scripted.headers,
+                    )
+                    return
                 if scripted is not None:
                     self._send_json(
                         scripted.status, scripted.body, scripted.headers, defaults=False
@@ -344,14 +356,26 @@ class FakeOpenAIServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def _send_sse(self, events: Iterator[dict[str, Any]], *, named: bool = False) -> None:
+            def _send_sse(
+                self,
+                events: Iterator[dict[str, Any]],
+                *,
+                named: bool = False,
+                disconnect_after: int | None = None,
+                headers: Mapping[str, str] | None = None,
+            ) -> None:
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")
                 self.send_header("transfer-encoding", "chunked")
-                self._headers_out({})
+                self._headers_out(headers or {}, defaults=headers is None)
                 self.end_headers()
                 try:
-                    for event in events:
+                    for sent, event in enumerate(events):
+                        if disconnect_after is not None and sent >= disconnect_after:
+                            self.wfile.flush()
+                            self.close_connection = True
+                            self.connection.shutdown(socket.SHUT_RDWR)
+                            return
                         line = f"data: {json.dumps(event)}\n\n"
                         if named:
                             line = f"event: {event['type']}\n" + line
