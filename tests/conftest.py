@@ -41,7 +41,7 @@ def server() -> Iterator[FakeOpenAIServer]:
 class SpanCapture:
     """An SDK tracer provider with an in-memory exporter, for one test."""
 
-    def __init__(self, sampler: object = None) -> None:
+    def __init__(self, sampler: object = None, views: list | None = None) -> None:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -49,6 +49,21 @@ class SpanCapture:
         self.exporter = InMemorySpanExporter()
         self.provider = TracerProvider(sampler=sampler) if sampler is not None else TracerProvider()
         self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader], views=views or [])
+
+    def metrics(self) -> dict:
+        """Metric name -> (unit, data points), from one collection."""
+        out = {}
+        data = self.reader.get_metrics_data()
+        for resource_metrics in data.resource_metrics if data else []:
+            for scope in resource_metrics.scope_metrics:
+                for metric in scope.metrics:
+                    out[metric.name] = (metric.unit, list(metric.data.data_points))
+        return out
 
     def spans(self) -> list:
         return list(self.exporter.get_finished_spans())
@@ -76,7 +91,9 @@ def instrument(telemetry: SpanCapture, monkeypatch: pytest.MonkeyPatch):
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         instrumentor.instrument(
-            tracer_provider=provider or telemetry.provider, settings=Settings.from_env()
+            tracer_provider=provider or telemetry.provider,
+            meter_provider=telemetry.meter_provider,
+            settings=Settings.from_env(),
         )
         return instrumentor
 

@@ -19,6 +19,7 @@ __all__ = [
     "Usage",
     "endpoint_for",
     "error_type",
+    "metadata_attribute",
     "metadata_attributes",
     "provider_attributes",
     "request_attributes",
@@ -180,12 +181,13 @@ def request_attributes(body: Mapping[str, Any], endpoint: Endpoint) -> dict[str,
     return attrs
 
 
-def metadata_attributes(metadata: Mapping[str, str]) -> dict[str, str]:
+def metadata_attribute(field: str) -> str:
     """``tokenlay.user`` ... for standard fields, ``tokenlay.metadata.<name>`` otherwise."""
-    return {
-        (f"tokenlay.{k}" if k in STANDARD_METADATA else f"tokenlay.metadata.{k}"): v
-        for k, v in metadata.items()
-    }
+    return f"tokenlay.{field}" if field in STANDARD_METADATA else f"tokenlay.metadata.{field}"
+
+
+def metadata_attributes(metadata: Mapping[str, str]) -> dict[str, str]:
+    return {metadata_attribute(k): v for k, v in metadata.items()}
 
 
 def _get(obj: Any, key: str) -> Any:

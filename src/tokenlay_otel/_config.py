@@ -10,12 +10,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from ._protocol import check_url_security, parse_metadata_env
+from ._protocol import check_url_security, normalize_field_name, parse_metadata_env
 
 __all__ = [
     "DEFAULT_PROVIDER_API_BASE",
     "DEFAULT_TOKENLAY_BASE_URL",
     "ENV_CAPTURE_CONTENT",
+    "ENV_METRIC_ATTRIBUTES",
+    "ENV_METRIC_USER_LIMIT",
+    "ENV_PRICES_FILE",
     "ENV_PROVIDER_API_BASE",
     "ENV_PROVIDER_API_KEY",
     "ENV_TOKENLAY_BASE_URL",
@@ -41,6 +44,12 @@ ENV_TOKENLAY_METADATA = "TOKENLAY_METADATA"
 ENV_TOKENLAY_ROUTE = "TOKENLAY_ROUTE"
 #: OpenTelemetry's switch for recording prompts and completions (default off).
 ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+#: Metadata fields that become metric attributes, default ``user,org``.
+ENV_METRIC_ATTRIBUTES = "TOKENLAY_METRIC_ATTRIBUTES"
+#: Distinct values per metric attribute field per process before ``_other``; 1000.
+ENV_METRIC_USER_LIMIT = "TOKENLAY_METRIC_USER_LIMIT"
+#: JSON or YAML file of price overrides/additions (USD per 1M tokens).
+ENV_PRICES_FILE = "TOKENLAY_PRICES_FILE"
 
 DEFAULT_TOKENLAY_BASE_URL = "https://api.tokenlay.com"
 DEFAULT_PROVIDER_API_BASE = "https://api.openai.com/v1"
@@ -84,6 +93,9 @@ class Settings:
     route: bool = True
     metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     capture_content: bool = False
+    metric_fields: tuple[str, ...] = ("user", "org")
+    metric_value_limit: int = 1000
+    prices_file: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -98,6 +110,18 @@ class Settings:
         if key:
             base = check_url_security(base, what=ENV_TOKENLAY_BASE_URL)
         capture = env.get(ENV_CAPTURE_CONTENT, "").strip().lower()
+        fields_text = env.get(ENV_METRIC_ATTRIBUTES)
+        metric_fields: tuple[str, ...] = ("user", "org")
+        if fields_text is not None:
+            try:
+                metric_fields = tuple(
+                    normalize_field_name(f.strip()) for f in fields_text.split(",") if f.strip()
+                )
+            except ValueError as exc:
+                raise ValueError(f"{ENV_METRIC_ATTRIBUTES}: {exc}") from None
+        limit_text = env.get(ENV_METRIC_USER_LIMIT, "").strip() or "1000"
+        if not limit_text.isdigit():
+            raise ValueError(f"{ENV_METRIC_USER_LIMIT} must be a whole number, got {limit_text!r}")
         return cls(
             tokenlay_key=key,
             tokenlay_base_url=base,
@@ -106,6 +130,9 @@ class Settings:
                 parse_metadata_env(env.get(ENV_TOKENLAY_METADATA, ""), source=ENV_TOKENLAY_METADATA)
             ),
             capture_content=capture in ("true", "span_only", "span_and_event"),
+            metric_fields=metric_fields,
+            metric_value_limit=int(limit_text),
+            prices_file=env.get(ENV_PRICES_FILE) or None,
         )
 
     def instrumented_route(self) -> Route | None:

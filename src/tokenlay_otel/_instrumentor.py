@@ -17,6 +17,7 @@ from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
 from ._config import Route, Settings
+from ._pricing import warm_up
 from ._telemetry import Telemetry
 from ._wrappers import note_http_response, request_async, request_sync
 
@@ -57,8 +58,11 @@ class TokenlayInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # untyped b
     def _instrument(self, **kwargs: Any) -> None:
         settings = kwargs.get("settings") or Settings.from_env()
         telemetry = Telemetry.create(
-            settings=settings, tracer_provider=kwargs.get("tracer_provider")
+            settings=settings,
+            tracer_provider=kwargs.get("tracer_provider"),
+            meter_provider=kwargs.get("meter_provider"),
         )
+        warm_up()
         route = settings.instrumented_route()
         TokenlayInstrumentor.active_telemetry = telemetry
 

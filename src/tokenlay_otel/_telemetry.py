@@ -13,11 +13,14 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from . import _attributes as A
 from ._config import Settings
 from ._content import input_messages, output_messages
+from ._metrics import CallMeasurements, MetricRecorder
+from ._pricing import CostSource, PriceBook, load_price_overrides
 from ._protocol import TokenlayResponseMetadata, parse_response_headers
 from ._safety import guard
 from ._version import __version__
@@ -32,17 +35,34 @@ class Telemetry:
     """What a wrapper needs to record calls: built once per instrumentor or client."""
 
     tracer: Tracer
+    metrics: MetricRecorder
+    prices: PriceBook
     settings: Settings
 
     @classmethod
     def create(
-        cls, *, settings: Settings, tracer_provider: trace.TracerProvider | None = None
+        cls,
+        *,
+        settings: Settings,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> Telemetry:
-        # get_tracer returns a proxy that follows a provider installed later on.
+        """Build the tracer, instruments and price book.
+
+        Raises:
+            ValueError: the prices file (``TOKENLAY_PRICES_FILE``) is malformed.
+        """
+        overrides = load_price_overrides(settings.prices_file) if settings.prices_file else {}
+        # get_tracer/get_meter return proxies that follow providers installed later on.
         tracer = trace.get_tracer(
             "tokenlay_otel", __version__, tracer_provider, schema_url=_SCHEMA_URL
         )
-        return cls(tracer=tracer, settings=settings)
+        recorder = MetricRecorder.create(
+            meter_provider,
+            metadata_fields=settings.metric_fields,
+            value_limit=settings.metric_value_limit,
+        )
+        return cls(tracer=tracer, metrics=recorder, prices=PriceBook(overrides), settings=settings)
 
 
 class LLMCall:
@@ -58,6 +78,7 @@ class LLMCall:
         "http_response",
         "metadata",
         "provider",
+        "provider_base",
         "routed",
         "span",
         "telemetry",
@@ -79,6 +100,7 @@ class LLMCall:
         self.metadata = metadata
         self.routed = routed
         self.provider = A.provider_attributes(provider_base)
+        self.provider_base = provider_base
         self.span: Span | None = None
         self.http_response: Any = None
         self.first_chunk_at: float | None = None
@@ -148,7 +170,7 @@ class LLMCall:
         output: str | None = None,
         error: BaseException | None = None,
     ) -> None:
-        """End the span once; later calls do nothing."""
+        """End the span and record the call's metrics, once; later calls do nothing."""
         if self._ended:
             return
         self._ended = True
@@ -156,52 +178,96 @@ class LLMCall:
         if span is None:
             return
         try:
-            if span.is_recording():
-                self._record(span, response, response_attrs, usage, meta, output, error)
+            attrs: dict[str, Any] = {}
+            if response is not None:
+                attrs.update(A.response_attributes(response))
+                usage = usage or A.usage_of(A._get(response, "usage"))
+                if output is None and self.telemetry.settings.capture_content:
+                    output = output_messages(response)
+            if response_attrs:
+                attrs.update(response_attrs)
+            self._finish(span, attrs, usage, meta, output, error)
         finally:
             span.end()
 
-    def _record(
+    def _finish(
         self,
         span: Span,
-        response: Any,
-        response_attrs: Mapping[str, Any] | None,
+        attrs: dict[str, Any],
         usage: A.Usage | None,
         meta: TokenlayResponseMetadata | None,
         output: str | None,
         error: BaseException | None,
     ) -> None:
-        attrs: dict[str, Any] = {}
-        if response is not None:
-            attrs.update(A.response_attributes(response))
-            usage = usage or A.usage_of(A._get(response, "usage"))
-            if output is None and self.telemetry.settings.capture_content:
-                output = output_messages(response)
-        if response_attrs:
-            attrs.update(response_attrs)
+        duration = time.perf_counter() - self._start
         if usage is not None:
             attrs.update(A.usage_attributes(usage))
         if output:
             attrs[A.OUTPUT_MESSAGES] = output
-        if self.first_chunk_at is not None:
-            attrs[A.TIME_TO_FIRST_CHUNK] = self.first_chunk_at - self._start
-        used_model = (meta.model if meta else None) or attrs.get(A.RESPONSE_MODEL)
+        ttfc = None if self.first_chunk_at is None else self.first_chunk_at - self._start
+        if ttfc is not None:
+            attrs[A.TIME_TO_FIRST_CHUNK] = ttfc
+        response_model = attrs.get(A.RESPONSE_MODEL)
+        used_model = (meta.model if meta else None) or response_model
         shifted = A.model_shifted(self.request_model, used_model)
         if shifted is not None:
             attrs[A.MODEL_SHIFTED] = shifted
-        cost = meta.cost if meta and meta.cost is not None else (usage.cost if usage else None)
+        cost, source = self._cost(usage, meta, used_model)
         if cost is not None:
             attrs[A.COST] = cost
-            attrs[A.COST_SOURCE] = "proxy"
-        elif error is None:
-            attrs[A.COST_SOURCE] = "unknown"
+        attrs[A.COST_SOURCE] = source
         if meta is not None:
             attrs.update(A.tokenlay_response_attributes(meta))
-            for warning in meta.warnings or ():
+        error_type = A.error_type(error) if error is not None else None
+        if error_type is not None:
+            attrs[A.ERROR_TYPE] = error_type
+        if span.is_recording():
+            for warning in (meta.warnings if meta else None) or ():
                 span.add_event(A.WARNING_EVENT, {A.WARNING_MESSAGE: warning})
-        if error is not None:
-            attrs[A.ERROR_TYPE] = A.error_type(error)
-            # The exception's message is left out on purpose: provider error texts can
-            # quote request data.
-            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-        span.set_attributes(attrs)
+            if error is not None:
+                # The exception's message is left out on purpose: provider error texts
+                # can quote request data.
+                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+            span.set_attributes(attrs)
+        metric_attrs: dict[str, Any] = {
+            A.OPERATION: self.endpoint.operation,
+            A.PROVIDER: self.provider[A.PROVIDER],
+        }
+        if self.request_model:
+            metric_attrs[A.REQUEST_MODEL] = self.request_model
+        if isinstance(used_model, str):
+            metric_attrs[A.RESPONSE_MODEL] = used_model
+        if error_type is not None:
+            metric_attrs[A.ERROR_TYPE] = error_type
+        self.telemetry.metrics.record(
+            CallMeasurements(
+                attributes=metric_attrs,
+                metadata=self.metadata,
+                duration_s=duration,
+                input_tokens=usage.input_tokens if usage else None,
+                output_tokens=usage.output_tokens if usage else None,
+                time_to_first_chunk_s=ttfc,
+                cost=cost,
+                cost_source=source,
+                rule_action=meta.rule_action if meta else None,
+                routed=self.routed,
+            ),
+            trace.set_span_in_context(span),
+        )
+
+    def _cost(
+        self,
+        usage: A.Usage | None,
+        meta: TokenlayResponseMetadata | None,
+        used_model: Any,
+    ) -> tuple[float | None, CostSource]:
+        """The proxy's billed cost wins; else local prices; else unknown (never 0)."""
+        if meta is not None and meta.cost is not None:
+            return meta.cost, "proxy"
+        if usage is not None and usage.cost is not None:
+            return usage.cost, "proxy"
+        models = (used_model if isinstance(used_model, str) else None, self.request_model)
+        local = self.telemetry.prices.cost(usage, models, self.provider_base)
+        if local is not None:
+            return local, "local"
+        return None, "unknown"

@@ -1,0 +1,286 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import openai
+import pytest
+
+from tokenlay_otel import TokenlayInstrumentor, metadata
+from tokenlay_otel._config import Settings
+from tokenlay_otel._metrics import DURATION_BUCKETS, TOKEN_BUCKETS
+from tokenlay_otel.testing import FakeOpenAIServer, Reply, chat_completion
+
+from .conftest import PROVIDER_KEY, TOKENLAY_KEY, SpanCapture
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def direct(server: FakeOpenAIServer) -> openai.OpenAI:
+    return openai.OpenAI(api_key=PROVIDER_KEY, base_url=server.url + "/v1", max_retries=0)
+
+
+def points(telemetry: SpanCapture, name: str) -> list:
+    return telemetry.metrics()[name][1]
+
+
+def test_the_five_instruments_for_one_call(
+    server: FakeOpenAIServer, instrument, telemetry: SpanCapture
+) -> None:
+    instrument()
+    with metadata(user="u1", org="o1", plan="pro"):
+        direct(server).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    data = telemetry.metrics()
+    assert {name: unit for name, (unit, _) in data.items()} == {
+        "gen_ai.client.operation.duration": "s",
+        "gen_ai.client.token.usage": "{token}",
+        "tokenlay.client.cost": "USD",
+        "tokenlay.client.requests": "{request}",
+    }
+    common = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "127.0.0.1",
+        "gen_ai.request.model": "gpt-4o-mini",
+        "gen_ai.response.model": "gpt-4o-mini",
+        "tokenlay.user": "u1",
+        "tokenlay.org": "o1",
+    }
+    (duration,) = data["gen_ai.client.operation.duration"][1]
+    assert dict(duration.attributes) == common
+    assert tuple(duration.explicit_bounds) == DURATION_BUCKETS
+    assert duration.count == 1
+    assert 0 < duration.sum < 5
+    tokens = {p.attributes["gen_ai.token.type"]: p for p in data["gen_ai.client.token.usage"][1]}
+    assert (tokens["input"].sum, tokens["output"].sum) == (12, 7)
+    assert tuple(tokens["input"].explicit_bounds) == TOKEN_BUCKETS
+    assert dict(tokens["output"].attributes) == {**common, "gen_ai.token.type": "output"}
+    (cost,) = data["tokenlay.client.cost"][1]
+    # gpt-4o-mini: $0.15 / 1M input, $0.60 / 1M output
+    assert cost.value == pytest.approx(12 * 0.15e-6 + 7 * 0.60e-6)
+    assert dict(cost.attributes) == {**common, "tokenlay.cost.source": "local"}
+    (requests,) = data["tokenlay.client.requests"][1]
+    assert requests.value == 1
+    assert dict(requests.attributes) == {
+        **common,
+        "tokenlay.rule.action": "none",
+        "tokenlay.cost.source": "local",
+        "tokenlay.routed": False,
+    }
+    span = telemetry.only_span()
+    assert span.attributes["tokenlay.cost.usd"] == pytest.approx(cost.value)
+    assert span.attributes["tokenlay.cost.source"] == "local"
+    # Exemplars tie the points to the LLM span's trace.
+    assert duration.exemplars[0].trace_id == span.context.trace_id
+    assert cost.exemplars[0].span_id == span.context.span_id
+
+
+def test_stream_metrics_run_to_the_end_of_the_stream(
+    server: FakeOpenAIServer, instrument, telemetry: SpanCapture
+) -> None:
+    import time
+
+    instrument()
+    server.stream_delay = 0.05
+    s = direct(server).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    first = next(iter(s))
+    assert first.choices
+    time.sleep(0.1)
+    list(s)
+    data = telemetry.metrics()
+    (duration,) = data["gen_ai.client.operation.duration"][1]
+    (ttfc,) = data["gen_ai.client.operation.time_to_first_chunk"][1]
+    assert duration.sum >= 0.25  # seven events 0.05 s apart, and our 0.1 s pause
+    assert ttfc.sum < duration.sum - 0.1
+    assert tuple(ttfc.explicit_bounds) == DURATION_BUCKETS
+    tokens = {
+        p.attributes["gen_ai.token.type"]: p.sum for p in data["gen_ai.client.token.usage"][1]
+    }
+    assert tokens == {"input": 12, "output": 5}
+
+
+def test_errors_and_blocks_are_counted(
+    server: FakeOpenAIServer, instrument, telemetry: SpanCapture
+) -> None:
+    instrument(TOKENLAY_KEY=TOKENLAY_KEY, TOKENLAY_BASE_URL=server.url)
+    server.reply(
+        Reply(
+            status=429,
+            body={"error": {"message": "limit", "type": "tokenlay_limit"}},
+            headers={"x-tokenlay-rule-action": "block", "x-tokenlay-rule-id": "free"},
+        )
+    )
+    client = openai.OpenAI(api_key=PROVIDER_KEY, max_retries=0)
+    with pytest.raises(openai.RateLimitError), metadata(user="u1"):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    data = telemetry.metrics()
+    (requests,) = data["tokenlay.client.requests"][1]
+    assert requests.attributes["error.type"] == "429"
+    assert requests.attributes["tokenlay.rule.action"] == "block"
+    assert requests.attributes["tokenlay.cost.source"] == "unknown"
+    assert requests.attributes["tokenlay.routed"] is True
+    (duration,) = data["gen_ai.client.operation.duration"][1]
+    assert duration.attributes["error.type"] == "429"
+    assert "tokenlay.client.cost" not in data
+
+
+def test_proxy_cost_wins(server: FakeOpenAIServer, instrument, telemetry: SpanCapture) -> None:
+    instrument(TOKENLAY_KEY=TOKENLAY_KEY, TOKENLAY_BASE_URL=server.url)
+    server.response_headers["x-tokenlay-cost"] = "0.5"
+    openai.OpenAI(api_key=PROVIDER_KEY, max_retries=0).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES
+    )
+    (cost,) = points(telemetry, "tokenlay.client.cost")
+    assert cost.value == 0.5
+    assert cost.attributes["tokenlay.cost.source"] == "proxy"
+    (requests,) = points(telemetry, "tokenlay.client.requests")
+    assert requests.attributes["tokenlay.rule.action"] == "none"
+
+
+def test_proxy_cost_from_the_final_usage_chunk(
+    server: FakeOpenAIServer, instrument, telemetry: SpanCapture
+) -> None:
+    instrument(TOKENLAY_KEY=TOKENLAY_KEY, TOKENLAY_BASE_URL=server.url)
+    usage = {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12, "cost": 0.25}
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
+    server.reply(
+        Reply(
+            events=[
+                {
+                    **base,
+                    "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}],
+                },
+                {**base, "choices": [], "usage": usage},
+            ]
+        )
+    )
+    client = openai.OpenAI(api_key=PROVIDER_KEY, max_retries=0)
+    list(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))
+    (cost,) = points(telemetry, "tokenlay.client.cost")
+    assert (cost.value, cost.attributes["tokenlay.cost.source"]) == (0.25, "proxy")
+
+
+@pytest.mark.parametrize(
+    ("model", "base", "usage", "expected"),
+    [
+        # gpt-4o: $2.50 in, $10 out per 1M
+        ("gpt-4o", "https://api.openai.com/v1", (1000, 0, 500, 0), 1000 * 2.5e-6 + 500 * 10e-6),
+        # gpt-4o-mini with 600 cached input tokens at $0.075 per 1M
+        (
+            "gpt-4o-mini",
+            "https://api.openai.com/v1",
+            (1000, 600, 200, 0),
+            400 * 0.15e-6 + 600 * 0.075e-6 + 200 * 0.6e-6,
+        ),
+        # o3-mini: reasoning tokens are part of output tokens, billed as output ($4.40)
+        ("o3-mini", "https://api.openai.com/v1", (100, 0, 900, 700), 100 * 1.1e-6 + 900 * 4.4e-6),
+        (
+            "mistral-small-latest",
+            "https://api.mistral.ai/v1",
+            (2000, 0, 100, 0),
+            2000 * 0.15e-6 + 100 * 0.6e-6,
+        ),
+    ],
+)
+def test_local_costs_match_hand_computed_prices(
+    model: str, base: str, usage: tuple[int, int, int, int], expected: float
+) -> None:
+    from tokenlay_otel._attributes import Usage
+    from tokenlay_otel._pricing import PriceBook
+
+    book = PriceBook()
+    got = book.cost(Usage(usage[0], usage[2], usage[1], usage[3]), (model,), base)
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_embeddings_cost(server: FakeOpenAIServer, instrument, telemetry: SpanCapture) -> None:
+    instrument()
+    direct(server).embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    (cost,) = points(telemetry, "tokenlay.client.cost")
+    assert cost.value == pytest.approx(10 * 0.02e-6)  # $0.02 per 1M input tokens
+
+
+def test_response_model_is_priced_before_the_request_model(
+    server: FakeOpenAIServer, instrument, telemetry: SpanCapture
+) -> None:
+    instrument()
+    server.reply(Reply(body=chat_completion("gpt-4o")))
+    direct(server).chat.completions.create(model="my-alias", messages=MESSAGES)
+    (cost,) = points(telemetry, "tokenlay.client.cost")
+    assert cost.value == pytest.approx(12 * 2.5e-6 + 7 * 10e-6)
+
+
+def test_unknown_model_has_no_cost_but_is_counted(
+    server: FakeOpenAIServer, instrument, telemetry: SpanCapture
+) -> None:
+    instrument()
+    direct(server).chat.completions.create(model="no-such-model-zz", messages=MESSAGES)
+    data = telemetry.metrics()
+    assert "tokenlay.client.cost" not in data
+    (requests,) = data["tokenlay.client.requests"][1]
+    assert requests.attributes["tokenlay.cost.source"] == "unknown"
+    span = telemetry.only_span()
+    assert "tokenlay.cost.usd" not in span.attributes
+    assert span.attributes["tokenlay.cost.source"] == "unknown"
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_price_overrides_win(
+    server: FakeOpenAIServer, instrument, telemetry: SpanCapture, tmp_path: Path, suffix: str
+) -> None:
+    prices = {
+        "gpt-4o-mini": {"input": 1.0, "output": 2.0},
+        "house-model": {"input": 3, "output": 4, "cached": 1},
+    }
+    path = tmp_path / f"prices{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(prices))
+    else:
+        import yaml
+
+        path.write_text(yaml.safe_dump(prices))
+    instrument(TOKENLAY_PRICES_FILE=str(path))
+    client = direct(server)
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    client.chat.completions.create(model="house-model", messages=MESSAGES)
+    costs = sorted(p.value for p in points(telemetry, "tokenlay.client.cost"))
+    assert costs == pytest.approx(sorted([12 * 1e-6 + 7 * 2e-6, 12 * 3e-6 + 7 * 4e-6]))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"m": {"input": -1, "output": 1}}', r"model 'm': 'input' must be a non-negative"),
+        ('{"m": {"input": 1}}', r"model 'm': 'input' and 'output' are required"),
+        ('{"m": {"input": 1, "output": 1, "cache": 1}}', r"model 'm': unknown keys \['cache'\]"),
+        ("[1, 2]", "expected a mapping"),
+        ("{not json", "Expecting property name"),
+    ],
+)
+def test_malformed_prices_file_is_a_clear_error_at_instrument(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str, message: str
+) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text(content)
+    monkeypatch.setenv("TOKENLAY_PRICES_FILE", str(path))
+    with pytest.raises(ValueError, match=message) as info:
+        TokenlayInstrumentor().instrument(settings=Settings.from_env())
+    assert str(path) in str(info.value)
+    TokenlayInstrumentor().uninstrument()
+
+
+def test_metric_attribute_fields_are_configurable(
+    server: FakeOpenAIServer, instrument, telemetry: SpanCapture
+) -> None:
+    instrument(TOKENLAY_METRIC_ATTRIBUTES="org,feature,tenant")
+    with metadata(user="u1", org="o1", feature="f", tenant="t"):
+        direct(server).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    (requests,) = points(telemetry, "tokenlay.client.requests")
+    assert "tokenlay.user" not in requests.attributes
+    assert requests.attributes["tokenlay.org"] == "o1"
+    assert requests.attributes["tokenlay.feature"] == "f"
+    assert requests.attributes["tokenlay.metadata.tenant"] == "t"
