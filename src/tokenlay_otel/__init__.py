@@ -35,6 +35,7 @@ from ._instrumentor import TokenlayInstrumentor
 from ._protocol import TokenlayResponseMetadata
 from ._responses import get_tokenlay_metadata
 from ._version import __version__
+from .exporters import configure
 
 __all__ = [
     "AsyncTokenlayOpenAI",
@@ -42,6 +43,7 @@ __all__ = [
     "TokenlayOpenAI",
     "TokenlayResponseMetadata",
     "__version__",
+    "configure",
     "get_tokenlay_metadata",
     "metadata",
 ]

@@ -1,0 +1,151 @@
+"""The ``tokenlay-otel`` command.
+
+``tokenlay-otel spend --by org --since 24h`` reports spend from the ledger that the
+``tokenlay_ledger`` exporter writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from .exporters.ledger import DEFAULT_LEDGER_PATH, ENV_LEDGER_PATH, connect
+
+__all__ = ["main", "spend_report"]
+
+_GROUPS = {
+    "org": "org",
+    "user": "user",
+    "model": "COALESCE(response_model, request_model)",
+    "feature": "feature",
+    "plan": "plan",
+    "project": "project",
+    "provider": "provider",
+}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_FIELDS = (
+    "requests",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cost_usd",
+    "unpriced",
+)
+
+
+def parse_since(text: str, *, now: float | None = None) -> int:
+    """``24h``, ``7d``, ``30m``, ``90s``, ``2w`` or ``all`` -> a start time in ns."""
+    if text == "all":
+        return 0
+    match = re.fullmatch(r"(\d+)([smhdw])", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"invalid --since {text!r}: use a number and a unit (s, m, h, d, w), or 'all'"
+        )
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    return int(((now if now is not None else time.time()) - seconds) * 1e9)
+
+
+def spend_report(path: str, by: str, since_unix_nano: int) -> list[dict[str, Any]]:
+    """Spend grouped by one field, highest cost first (unknown values as ``None``)."""
+    key = _GROUPS[by]
+    connection = connect(path)
+    try:
+        cursor = connection.execute(
+            f"""
+            SELECT {key} AS key,
+                   COUNT(*) AS requests,
+                   SUM(error_type IS NOT NULL) AS errors,
+                   COALESCE(SUM(input_tokens), 0) AS input_tokens,
+                   COALESCE(SUM(output_tokens), 0) AS output_tokens,
+                   COALESCE(SUM(cached_input_tokens), 0) AS cached_input_tokens,
+                   COALESCE(SUM(cost_usd), 0.0) AS cost_usd,
+                   SUM(cost_usd IS NULL AND error_type IS NULL) AS unpriced
+            FROM llm_calls
+            WHERE time_unix_nano >= ?
+            GROUP BY key
+            ORDER BY cost_usd DESC, requests DESC
+            """,  # noqa: S608  # `key` comes from the fixed table above
+            (since_unix_nano,),
+        )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    finally:
+        connection.close()
+
+
+def _total(report: list[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {"key": "TOTAL"}
+    for field in _FIELDS:
+        total[field] = sum(row[field] for row in report)
+    return total
+
+
+def _print_table(report: list[dict[str, Any]], by: str, out: TextIO) -> None:
+    header = [by, *_FIELDS]
+    lines = [header]
+    for row in [*report, _total(report)]:
+        key = row["key"] if row["key"] is not None else "(none)"
+        cells = [str(key)] + [f"{row[f]:.6f}" if f == "cost_usd" else str(row[f]) for f in _FIELDS]
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for n, line in enumerate(lines):
+        if n == len(lines) - 1:
+            out.write("  ".join("-" * w for w in widths) + "\n")
+        out.write(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+            )
+            + "\n"
+        )
+        if n == 0:
+            out.write("  ".join("-" * w for w in widths) + "\n")
+
+
+def _spend(args: argparse.Namespace, out: TextIO) -> int:
+    report = spend_report(args.db, args.by, args.since)
+    if args.format == "json":
+        json.dump({"by": args.by, "rows": report, "total": _total(report)}, out, indent=2)
+        out.write("\n")
+    elif args.format == "csv":
+        writer = csv.writer(out)
+        writer.writerow([args.by, *_FIELDS])
+        for row in report:
+            writer.writerow([row["key"], *(row[f] for f in _FIELDS)])
+    else:
+        _print_table(report, args.by, out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenlay-otel", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    spend = commands.add_parser("spend", help="spend by org, user, model, ... from the ledger")
+    spend.add_argument("--by", choices=sorted(_GROUPS), default="org")
+    spend.add_argument("--since", type=parse_since, default="24h", help="e.g. 24h, 7d, all")
+    spend.add_argument(
+        "--db",
+        default=os.environ.get(ENV_LEDGER_PATH) or DEFAULT_LEDGER_PATH,
+        help=f"ledger file (default: ${ENV_LEDGER_PATH} or ./{DEFAULT_LEDGER_PATH})",
+    )
+    spend.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    spend.set_defaults(run=_spend)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args, out or sys.stdout))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

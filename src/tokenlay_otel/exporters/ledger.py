@@ -1,0 +1,196 @@
+"""The spend ledger: one SQLite row per LLM span, for ``tokenlay-otel spend``.
+
+Registered as the ``tokenlay_ledger`` traces exporter, so
+``opentelemetry-instrument --traces_exporter otlp,tokenlay_ledger`` keeps a local,
+queryable record of who spent what next to the traces. Rows are written one batch per
+transaction; several processes can share one file (WAL journal, busy timeout), and a
+span exported twice is stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import StatusCode
+
+__all__ = ["DEFAULT_LEDGER_PATH", "ENV_LEDGER_PATH", "LedgerSpanExporter", "connect", "row_of"]
+
+_log = logging.getLogger("tokenlay_otel")
+
+#: Where the ledger lives, default ``./tokenlay-ledger.db``.
+ENV_LEDGER_PATH = "TOKENLAY_LEDGER_PATH"
+DEFAULT_LEDGER_PATH = "tokenlay-ledger.db"
+_SCOPE = "tokenlay_otel"
+_STANDARD = ("user", "org", "plan", "project", "feature")
+
+COLUMNS = (
+    "time_unix_nano",
+    "trace_id",
+    "span_id",
+    "service",
+    "operation",
+    "user",
+    "org",
+    "plan",
+    "project",
+    "feature",
+    "metadata",
+    "provider",
+    "request_model",
+    "response_model",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cost_usd",
+    "cost_source",
+    "rule_action",
+    "routed",
+    "error_type",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS llm_calls (
+    time_unix_nano INTEGER NOT NULL,
+    trace_id TEXT NOT NULL,
+    span_id TEXT NOT NULL,
+    service TEXT,
+    operation TEXT,
+    user TEXT,
+    org TEXT,
+    plan TEXT,
+    project TEXT,
+    feature TEXT,
+    metadata TEXT,
+    provider TEXT,
+    request_model TEXT,
+    response_model TEXT,
+    input_tokens INTEGER,
+    output_tokens INTEGER,
+    cached_input_tokens INTEGER,
+    cost_usd REAL,
+    cost_source TEXT,
+    rule_action TEXT,
+    routed INTEGER,
+    error_type TEXT,
+    PRIMARY KEY (trace_id, span_id)
+);
+CREATE INDEX IF NOT EXISTS llm_calls_time ON llm_calls (time_unix_nano);
+"""
+
+
+def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """Open (and create if needed) a ledger database."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA busy_timeout=30000")
+    connection.executescript(_SCHEMA)
+    return connection
+
+
+def row_of(span: ReadableSpan) -> tuple[Any, ...] | None:
+    """The ledger row of an LLM span of ours, or ``None`` for any other span."""
+    scope = span.instrumentation_scope
+    attrs = span.attributes or {}
+    if scope is None or scope.name != _SCOPE or "gen_ai.operation.name" not in attrs:
+        return None
+    context = span.get_span_context()
+    custom = {
+        key.removeprefix("tokenlay.metadata."): value
+        for key, value in attrs.items()
+        if key.startswith("tokenlay.metadata.")
+    }
+    error = attrs.get("error.type")
+    if error is None and span.status.status_code is StatusCode.ERROR:
+        error = "error"
+    values = {
+        "time_unix_nano": span.start_time or 0,
+        "trace_id": format(context.trace_id, "032x") if context else "",
+        "span_id": format(context.span_id, "016x") if context else "",
+        "service": span.resource.attributes.get("service.name"),
+        "operation": attrs.get("gen_ai.operation.name"),
+        **{field: attrs.get(f"tokenlay.{field}") for field in _STANDARD},
+        "metadata": json.dumps(custom, sort_keys=True) if custom else None,
+        "provider": attrs.get("gen_ai.provider.name"),
+        "request_model": attrs.get("gen_ai.request.model"),
+        "response_model": attrs.get("gen_ai.response.model"),
+        "input_tokens": attrs.get("gen_ai.usage.input_tokens"),
+        "output_tokens": attrs.get("gen_ai.usage.output_tokens"),
+        "cached_input_tokens": attrs.get("gen_ai.usage.cache_read.input_tokens"),
+        "cost_usd": attrs.get("tokenlay.cost.usd"),
+        "cost_source": attrs.get("tokenlay.cost.source"),
+        "rule_action": attrs.get("tokenlay.rule.action"),
+        "routed": int(bool(attrs.get("tokenlay.routed"))),
+        "error_type": error,
+    }
+    return tuple(values[c] for c in COLUMNS)
+
+
+class LedgerSpanExporter(SpanExporter):
+    """Writes one row per LLM span into SQLite.
+
+    Args:
+        path: the database file (default: ``TOKENLAY_LEDGER_PATH``, else
+            ``./tokenlay-ledger.db``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path or os.environ.get(ENV_LEDGER_PATH) or DEFAULT_LEDGER_PATH)
+        self._connection: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def _db(self) -> sqlite3.Connection:
+        if self._connection is None:
+            self._connection = connect(self.path)
+        return self._connection
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        rows = [row for row in (row_of(span) for span in spans) if row is not None]
+        if not rows:
+            return SpanExportResult.SUCCESS
+        placeholders = ", ".join("?" for _ in COLUMNS)
+        statement = (
+            f"INSERT OR IGNORE INTO llm_calls ({', '.join(COLUMNS)}) VALUES ({placeholders})"  # noqa: S608  # fixed column names
+        )
+        try:
+            with self._lock:
+                db = self._db()
+                with db:
+                    db.executemany(statement, rows)
+        except sqlite3.Error:
+            _log.warning(
+                "tokenlay_otel: could not write %d rows to %s", len(rows), self.path, exc_info=True
+            )
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def rows(path: str | os.PathLike[str], since_unix_nano: int = 0) -> Iterable[sqlite3.Row]:
+    """Ledger rows since a time, as ``sqlite3.Row`` objects."""
+    connection = connect(path)
+    connection.row_factory = sqlite3.Row
+    try:
+        yield from connection.execute(
+            "SELECT * FROM llm_calls WHERE time_unix_nano >= ? ORDER BY time_unix_nano",
+            (since_unix_nano,),
+        )
+    finally:
+        connection.close()

@@ -1,0 +1,318 @@
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import openai
+import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+from tokenlay_otel import metadata
+from tokenlay_otel.cli import main as cli
+from tokenlay_otel.cli import parse_since
+from tokenlay_otel.exporters import LedgerSpanExporter
+from tokenlay_otel.testing import FakeOpenAIServer, Reply
+
+from .conftest import PROVIDER_KEY, TOKENLAY_KEY, SpanCapture
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def run_python(code: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_configure_with_console_exporters(server: FakeOpenAIServer) -> None:
+    result = run_python(
+        """
+        import sys, openai
+        from tokenlay_otel import configure, metadata
+        done = configure(service_name="demo-svc", traces="console", metrics="console")
+        client = openai.OpenAI(api_key="sk-x", base_url=sys.argv[1] + "/v1")
+        with metadata(user="u1", org="o1"):
+            client.chat.completions.create(model="gpt-4o-mini", messages=[])
+        done.shutdown()
+        """,
+        {},
+        server.url,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert '"name": "chat gpt-4o-mini"' in out
+    assert '"service.name": "demo-svc"' in out
+    for metric in (
+        "gen_ai.client.operation.duration",
+        "gen_ai.client.token.usage",
+        "tokenlay.client.cost",
+        "tokenlay.client.requests",
+    ):
+        assert f'"name": "{metric}"' in out
+    assert '"tokenlay.user": "u1"' in out
+
+
+def test_configure_leaves_existing_providers_alone() -> None:
+    result = run_python(
+        """
+        import logging
+        logging.basicConfig(level=logging.INFO)
+        from opentelemetry import trace, metrics
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.metrics import MeterProvider
+        mine, meters = TracerProvider(), MeterProvider()
+        trace.set_tracer_provider(mine)
+        metrics.set_meter_provider(meters)
+        from tokenlay_otel import configure
+        done = configure(traces="console", metrics="console")
+        assert done.tracer_provider is mine and not done.created_tracer_provider
+        assert done.meter_provider is meters and not done.created_meter_provider
+        print("OK")
+        """,
+        {},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+    assert "tracer provider is already set up; left as is" in result.stderr
+    assert "meter provider is already set up; left as is" in result.stderr
+
+
+def test_configure_rejects_unknown_exporters_listing_the_installed() -> None:
+    from tokenlay_otel import configure
+
+    with pytest.raises(ValueError, match=r"unknown exporter 'zipkinish'.*installed: .*console"):
+        configure(traces="zipkinish", metrics="none")
+    with pytest.raises(ValueError, match=r"installed: .*prometheus"):
+        configure(traces="none", metrics="nope")
+
+
+def test_configure_reads_the_standard_env_vars(server: FakeOpenAIServer, tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.db"
+    result = run_python(
+        """
+        import sys, openai
+        from tokenlay_otel import configure
+        done = configure()
+        openai.OpenAI(api_key="sk-x", base_url=sys.argv[1] + "/v1").embeddings.create(
+            model="text-embedding-3-small", input="x")
+        done.shutdown()
+        """,
+        {
+            "OTEL_TRACES_EXPORTER": "tokenlay_ledger",
+            "OTEL_METRICS_EXPORTER": "none",
+            "TOKENLAY_LEDGER_PATH": str(ledger),
+            "OTEL_SERVICE_NAME": "env-svc",
+        },
+        server.url,
+    )
+    assert result.returncode == 0, result.stderr
+    report = io.StringIO()
+    cli(["spend", "--db", str(ledger), "--by", "model", "--format", "json"], out=report)
+    data = json.loads(report.getvalue())
+    assert data["rows"][0]["key"] == "text-embedding-3-small"
+    assert data["rows"][0]["input_tokens"] == 5
+
+
+def ledger_calls(server: FakeOpenAIServer, instrument, telemetry: SpanCapture, path: Path) -> None:
+    telemetry.provider.add_span_processor(SimpleSpanProcessor(LedgerSpanExporter(path)))
+    instrument(TOKENLAY_KEY=TOKENLAY_KEY, TOKENLAY_BASE_URL=server.url)
+    client = openai.OpenAI(api_key=PROVIDER_KEY, max_retries=0)
+    for user, org, model in [
+        ("alice", "acme", "gpt-4o-mini"),
+        ("alice", "acme", "gpt-4o"),
+        ("bob", "acme", "gpt-4o-mini"),
+        ("carol", "globex", "gpt-4o"),
+        ("dave", "globex", "unknown-model-x"),
+    ]:
+        with metadata(user=user, org=org, feature="chat", tenant="t1"):
+            client.chat.completions.create(model=model, messages=MESSAGES)
+    server.reply(
+        Reply(
+            status=429,
+            body={"error": {"message": "limit"}},
+            headers={"x-tokenlay-rule-action": "block"},
+        )
+    )
+    with pytest.raises(openai.RateLimitError), metadata(user="erin", org="globex"):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+
+
+def test_ledger_rows_and_spend_report_match_the_cost_metric(
+    server: FakeOpenAIServer, instrument, telemetry: SpanCapture, tmp_path: Path
+) -> None:
+    path = tmp_path / "ledger.db"
+    ledger_calls(server, instrument, telemetry, path)
+    import sqlite3
+
+    rows = (
+        sqlite3.connect(path)
+        .execute(
+            "SELECT user, org, feature, metadata, request_model, input_tokens, output_tokens,"
+            " cost_source, rule_action, error_type, routed FROM llm_calls ORDER BY time_unix_nano"
+        )
+        .fetchall()
+    )
+    assert len(rows) == 6
+    assert rows[0] == (
+        "alice",
+        "acme",
+        "chat",
+        '{"tenant": "t1"}',
+        "gpt-4o-mini",
+        12,
+        7,
+        "local",
+        None,
+        None,
+        1,
+    )
+    assert rows[4][7] == "unknown"
+    assert rows[5][8:10] == ("block", "429")
+
+    out = io.StringIO()
+    cli(["spend", "--db", str(path), "--by", "org", "--since", "1h", "--format", "json"], out=out)
+    report = json.loads(out.getvalue())
+    by_org = {row["key"]: row for row in report["rows"]}
+    assert by_org["acme"]["requests"] == 3
+    assert by_org["globex"]["requests"] == 3
+    assert by_org["globex"]["errors"] == 1
+    assert by_org["globex"]["unpriced"] == 1
+    costs = telemetry.metrics()["tokenlay.client.cost"][1]
+    metric_total = sum(p.value for p in costs)
+    assert report["total"]["cost_usd"] == pytest.approx(metric_total)
+    for org in ("acme", "globex"):
+        org_metric = sum(p.value for p in costs if p.attributes["tokenlay.org"] == org)
+        assert by_org[org]["cost_usd"] == pytest.approx(org_metric)
+
+
+def test_spend_table_and_csv(
+    server: FakeOpenAIServer, instrument, telemetry: SpanCapture, tmp_path: Path
+) -> None:
+    path = tmp_path / "ledger.db"
+    ledger_calls(server, instrument, telemetry, path)
+    table = io.StringIO()
+    cli(["spend", "--db", str(path), "--by", "user"], out=table)
+    lines = table.getvalue().splitlines()
+    assert lines[0].split()[:3] == ["user", "requests", "errors"]
+    assert lines[2].split()[0] == "alice"  # the biggest spender first
+    assert lines[-1].split()[:2] == ["TOTAL", "6"]
+    out = io.StringIO()
+    cli(["spend", "--db", str(path), "--by", "model", "--format", "csv"], out=out)
+    parsed = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert {row["model"] for row in parsed} == {"gpt-4o", "gpt-4o-mini", "unknown-model-x"}
+
+
+def test_the_same_span_is_stored_once(tmp_path: Path, telemetry: SpanCapture) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("tokenlay_otel")
+    with tracer.start_as_current_span("chat m", attributes={"gen_ai.operation.name": "chat"}):
+        pass
+    with tracer.start_as_current_span("other"):
+        pass
+    ledger = LedgerSpanExporter(tmp_path / "l.db")
+    spans = exporter.get_finished_spans()
+    ledger.export(spans)
+    ledger.export(spans)
+    import sqlite3
+
+    assert sqlite3.connect(tmp_path / "l.db").execute(
+        "SELECT COUNT(*) FROM llm_calls"
+    ).fetchone() == (1,)
+
+
+def test_several_processes_share_one_ledger(server: FakeOpenAIServer, tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    code = """
+        import sys, openai
+        from tokenlay_otel import configure, metadata
+        done = configure(traces="tokenlay_ledger", metrics="none")
+        client = openai.OpenAI(api_key="sk-x", base_url=sys.argv[1] + "/v1")
+        for i in range(40):
+            with metadata(user=sys.argv[2], org="o"):
+                client.chat.completions.create(model="gpt-4o-mini", messages=[])
+        done.shutdown()
+    """
+    env = {**os.environ, "TOKENLAY_LEDGER_PATH": str(path)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code), server.url, f"p{i}"],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    out = io.StringIO()
+    cli(["spend", "--db", str(path), "--by", "user", "--format", "json"], out=out)
+    report = json.loads(out.getvalue())
+    assert {row["key"]: row["requests"] for row in report["rows"]} == {
+        f"p{i}": 40 for i in range(4)
+    }
+
+
+def test_opentelemetry_instrument_with_the_ledger(server: FakeOpenAIServer, tmp_path: Path) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, openai
+            from tokenlay_otel import metadata
+            client = openai.OpenAI(api_key="sk-x", base_url=sys.argv[1] + "/v1")
+            with metadata(user="zero-code", org="z"):
+                client.chat.completions.create(model="gpt-4o", messages=[])
+            """
+        )
+    )
+    ledger = tmp_path / "ledger.db"
+    command = Path(sys.executable).parent / "opentelemetry-instrument"
+    result = subprocess.run(
+        [
+            str(command),
+            "--traces_exporter",
+            "console,tokenlay_ledger",
+            "--metrics_exporter",
+            "none",
+            "--logs_exporter",
+            "none",
+            sys.executable,
+            str(script),
+            server.url,
+        ],
+        env={**os.environ, "TOKENLAY_LEDGER_PATH": str(ledger)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = io.StringIO()
+    cli(["spend", "--db", str(ledger), "--by", "user", "--format", "json"], out=out)
+    (row,) = json.loads(out.getvalue())["rows"]
+    assert row["key"] == "zero-code"
+    assert row["cost_usd"] == pytest.approx(12 * 2.5e-6 + 7 * 10e-6)
+
+
+def test_since_parsing() -> None:
+    assert parse_since("all") == 0
+    assert parse_since("2h", now=10_000) == int((10_000 - 7200) * 1e9)
+    with pytest.raises(Exception, match="invalid --since"):
+        parse_since("yesterday")
