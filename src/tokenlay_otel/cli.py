@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     spend.add_argument("--format", choices=("table", "json", "csv"), default="table")
     spend.set_defaults(run=_spend)
+    from .proxy.serve import add_arguments, run
+
+    proxy = commands.add_parser("proxy", help="run the local Tokenlay-compatible proxy")
+    add_arguments(proxy)
+    proxy.set_defaults(run=lambda args, out: run(args))
     return parser
 
 

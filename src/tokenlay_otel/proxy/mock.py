@@ -1,0 +1,201 @@
+"""``--mock-upstream``: a deterministic OpenAI-compatible upstream inside the proxy.
+
+It is an ``httpx2`` transport, so the proxy's real forwarding code runs unchanged;
+answers carry realistic token counts (about four characters a token) and stream with
+a usage chunk when asked, so demos and tests need no keys and no network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+
+__all__ = ["mock_transport"]
+
+_REPLIES = (
+    "Sure — here is a short answer to your question.",
+    "Happy to help. The key point is to keep it simple.",
+    "Here is what I found: it depends on your usage pattern.",
+)
+
+
+def _tokens(text: str) -> int:
+    return max(1, (len(text) + 3) // 4)
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    if isinstance(body.get("messages"), list):
+        return sum(4 + _tokens(_text_of(m.get("content"))) for m in body["messages"]) + 3
+    value = body.get("input", body.get("prompt", ""))
+    if isinstance(value, list):
+        return sum(_tokens(_text_of(v) if not isinstance(v, str) else v) for v in value)
+    return _tokens(str(value))
+
+
+def _reply(body: dict[str, Any]) -> str:
+    seed = json.dumps(
+        body.get("messages") or body.get("input") or body.get("prompt"), sort_keys=True
+    )
+    return _REPLIES[int(hashlib.sha256(seed.encode()).hexdigest(), 16) % len(_REPLIES)]
+
+
+def _usage(prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+def _chat(body: dict[str, Any], model: str) -> dict[str, Any]:
+    text = _reply(body)
+    return {
+        "id": "chatcmpl-mock",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "fp_mock",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": _usage(_prompt_tokens(body), _tokens(text)),
+    }
+
+
+async def _chat_stream(body: dict[str, Any], model: str) -> AsyncIterator[bytes]:
+    words = [w + " " for w in _reply(body).split(" ")]
+    words[-1] = words[-1].rstrip()
+    base = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": int(time.time())}
+    base["model"] = model
+    for i, word in enumerate(words):
+        delta = {"role": "assistant", "content": word} if i == 0 else {"content": word}
+        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+        yield f"data: {json.dumps(chunk)}\n\n".encode()
+        await asyncio.sleep(0.005)
+    done = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    yield f"data: {json.dumps(done)}\n\n".encode()
+    if (body.get("stream_options") or {}).get("include_usage"):
+        usage = _usage(_prompt_tokens(body), _tokens("".join(words)))
+        yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n".encode()
+    yield b"data: [DONE]\n\n"
+
+
+def _responses(body: dict[str, Any], model: str) -> dict[str, Any]:
+    text = _reply(body)
+    prompt, completion = _prompt_tokens(body), _tokens(text)
+    return {
+        "id": "resp_mock",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "completed",
+        "model": model,
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_mock",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": prompt,
+            "output_tokens": completion,
+            "total_tokens": prompt + completion,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        },
+    }
+
+
+def _embeddings(body: dict[str, Any], model: str) -> dict[str, Any]:
+    inputs = body.get("input")
+    items = inputs if isinstance(inputs, list) else [inputs]
+    tokens = _prompt_tokens(body)
+    return {
+        "object": "list",
+        "model": model,
+        "data": [
+            {"object": "embedding", "index": i, "embedding": [0.01 * (i + 1)] * 8}
+            for i in range(len(items))
+        ],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+def _json(status: int, data: Any) -> httpx2.Response:
+    return httpx2.Response(status, json=data)
+
+
+async def _handle(request: httpx2.Request) -> httpx2.Response:
+    path = request.url.path.rstrip("/")
+    if request.method == "GET" and path.endswith("/models"):
+        return _json(200, {"object": "list", "data": [{"id": "mock-model", "object": "model"}]})
+    try:
+        body = json.loads(request.content or b"{}")
+    except ValueError:
+        return _json(
+            400, {"error": {"message": "invalid JSON body", "type": "invalid_request_error"}}
+        )
+    model = str(body.get("model") or "gpt-4o-mini")
+    if path.endswith("/chat/completions"):
+        if body.get("stream"):
+            return httpx2.Response(
+                200,
+                content=_chat_stream(body, model),
+                headers={"content-type": "text/event-stream"},
+            )
+        return _json(200, _chat(body, model))
+    if path.endswith("/responses"):
+        return _json(200, _responses(body, model))
+    if path.endswith("/embeddings"):
+        return _json(200, _embeddings(body, model))
+    if path.endswith("/completions"):
+        chat = _chat({"messages": [{"content": body.get("prompt", "")}]}, model)
+        text = chat["choices"][0]["message"]["content"]
+        return _json(
+            200,
+            {
+                "id": "cmpl-mock",
+                "object": "text_completion",
+                "created": chat["created"],
+                "model": model,
+                "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+                "usage": {
+                    k: chat["usage"][k]
+                    for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+                },
+            },
+        )
+    return _json(
+        404, {"error": {"message": f"unknown path {path}", "type": "invalid_request_error"}}
+    )
+
+
+def mock_transport() -> httpx2.MockTransport:
+    """The mock upstream as an ``httpx2`` transport."""
+    return httpx2.MockTransport(_handle)
