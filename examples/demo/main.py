@@ -1,0 +1,142 @@
+"""The offline demo: the local Tokenlay proxy, attributed calls, spend by org and user.
+
+Starts the proxy on 127.0.0.1 with its mock upstream and ``rules.yaml``, sends calls for
+three orgs (one user gets blocked, one downgraded, one warned), prints each LLM span as
+it ends, records every call in the spend ledger, and ends with the spend tables.
+No keys, no network, no Docker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import uvicorn
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+
+from tokenlay_otel import TokenlayOpenAI, configure, get_tokenlay_metadata, metadata
+from tokenlay_otel.cli import main as tokenlay_cli
+from tokenlay_otel.proxy import ProxyConfig, SQLiteStore, create_app, load_rules
+
+HERE = Path(__file__).parent
+PROXY_KEY = "tl-demo-key"
+QUESTION = [{"role": "user", "content": "In one sentence: why track LLM spend per user?"}]
+
+
+def start_proxy(workdir: Path) -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = ProxyConfig(
+        keys=frozenset({PROXY_KEY}),
+        rules=load_rules(HERE / "rules.yaml"),
+        store=SQLiteStore(workdir / "proxy-usage.db"),
+        mock_upstream=True,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning")
+    )
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return url
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("the demo proxy did not start")
+
+
+def one_line(span: ReadableSpan) -> str:
+    a = span.attributes or {}
+    if "gen_ai.operation.name" not in a:
+        return ""
+    cost = a.get("tokenlay.cost.usd")
+    parts = [
+        f"  span  {span.name:<24}",
+        f"org={a.get('tokenlay.org')} user={a.get('tokenlay.user')}",
+        f"action={a.get('tokenlay.rule.action', 'none')}",
+        f"tokens={a.get('gen_ai.usage.input_tokens', '-')}/{a.get('gen_ai.usage.output_tokens', '-')}",
+        f"cost=${cost:.6f}" if isinstance(cost, float) else "cost=-",
+    ]
+    if a.get("tokenlay.model_shifted"):
+        parts.append(f"model_shifted->{a.get('gen_ai.response.model')}")
+    if "error.type" in a:
+        parts.append(f"error={a['error.type']}")
+    return "  ".join(parts) + f"  trace={span.context.trace_id:032x}\n"
+
+
+def call(client: TokenlayOpenAI, label: str, **kwargs: object) -> None:
+    try:
+        reply = client.chat.completions.create(model="gpt-4o", messages=QUESTION, **kwargs)  # type: ignore[call-overload]
+    except openai.RateLimitError as err:
+        meta = get_tokenlay_metadata(err)
+        print(f"{label:<34} BLOCKED 429 by {meta.rule_id if meta else '?'}: {err.body['message']}")  # type: ignore[index]
+        return
+    meta = get_tokenlay_metadata(reply)
+    note = ""
+    if meta and meta.model:
+        note = f"  (proxy switched model to {meta.model})"
+    if meta and meta.warnings:
+        note += f"  warning: {meta.warnings[-1]}"
+    print(f"{label:<34} ok, model={reply.model}{note}")
+
+
+def main() -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="tokenlay-demo-"))
+    ledger = workdir / "tokenlay-ledger.db"
+    os.environ["TOKENLAY_LEDGER_PATH"] = str(ledger)
+    proxy = start_proxy(workdir)
+    print(f"local Tokenlay proxy (mock upstream, rules.yaml): {proxy}")
+    print(f"spend ledger: {ledger}\n")
+
+    done = configure(service_name="tokenlay-demo", traces="tokenlay_ledger", metrics="none")
+    if isinstance(done.tracer_provider, TracerProvider):
+        done.tracer_provider.add_span_processor(
+            SimpleSpanProcessor(ConsoleSpanExporter(formatter=one_line))
+        )
+
+    client = TokenlayOpenAI(
+        provider_api_key="sk-demo-provider-key",
+        tokenlay_key=PROXY_KEY,
+        tokenlay_base_url=proxy,
+        max_retries=0,
+    )
+    print("acme / bob (free plan, 3 requests a day):")
+    with metadata(org="acme", user="bob", plan="free", feature="chat"):
+        for i in range(4):
+            call(client, f"  bob call {i + 1}")
+    print("\nacme / alice (pro plan, monthly spend cap, then a cheaper model):")
+    with metadata(org="acme", user="alice", plan="pro", feature="summaries"):
+        for i in range(5):
+            call(client, f"  alice call {i + 1}")
+    print("\nglobex / carol and dan (team plan, shared daily token budget):")
+    for i in range(8):
+        user = "carol" if i % 2 == 0 else "dan"
+        with metadata(org="globex", user=user, plan="team", feature="support"):
+            call(client, f"  {user} call {i // 2 + 1}")
+    print("\ninitech / erin (no rule applies), streamed:")
+    with metadata(org="initech", user="erin", plan="enterprise"):
+        stream = client.chat.completions.create(model="gpt-4o-mini", messages=QUESTION, stream=True)  # type: ignore[arg-type]
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        print(f"  erin stream                       {text!r}")
+
+    done.shutdown()  # flushes the ledger
+    print("\nspend by org (tokenlay-otel spend --by org):")
+    tokenlay_cli(["spend", "--db", str(ledger), "--by", "org", "--since", "1h"])
+    print("\nspend by user (tokenlay-otel spend --by user):")
+    tokenlay_cli(["spend", "--db", str(ledger), "--by", "user", "--since", "1h"])
+    print(f"\nTry: tokenlay-otel spend --db {ledger} --by model --format json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
