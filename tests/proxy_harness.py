@@ -7,16 +7,14 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import uvicorn
-
-from tokenlay_otel.proxy import ProxyConfig, create_app
+from tokenlay_otel.proxy import ProxyConfig
+from tokenlay_otel.proxy.local import local_proxy
 
 PROXY_KEY = "tl-proxy-key-123"
 
@@ -41,19 +39,15 @@ def wait_http(url: str, timeout: float = 20) -> None:
 
 @contextmanager
 def proxy_in_thread(config: ProxyConfig) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/health")
-    try:
+    with local_proxy(
+        rules=config.rules,
+        keys=tuple(config.keys),
+        mock_upstream=config.mock_upstream,
+        store=config.store,
+        tracer_provider=config.tracer_provider,
+        meter_provider=config.meter_provider,
+    ) as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @contextmanager

@@ -36,6 +36,7 @@ def test_the_five_instruments_for_one_call(
         "gen_ai.client.token.usage": "{token}",
         "tokenlay.client.cost": "USD",
         "tokenlay.client.requests": "{request}",
+        "tokenlay.client.cached_tokens": "{token}",
     }
     common = {
         "gen_ai.operation.name": "chat",
@@ -65,7 +66,11 @@ def test_the_five_instruments_for_one_call(
         "tokenlay.rule.action": "none",
         "tokenlay.cost.source": "local",
         "tokenlay.routed": False,
+        "tokenlay.model_shifted": False,
+        "tokenlay.proxy.bypassed": False,
     }
+    (cached,) = data["tokenlay.client.cached_tokens"][1]
+    assert (cached.value, dict(cached.attributes)) == (0, common)
     span = telemetry.only_span()
     assert span.attributes["tokenlay.cost.usd"] == pytest.approx(cost.value)
     assert span.attributes["tokenlay.cost.source"] == "local"
@@ -284,3 +289,23 @@ def test_metric_attribute_fields_are_configurable(
     assert requests.attributes["tokenlay.org"] == "o1"
     assert requests.attributes["tokenlay.feature"] == "f"
     assert requests.attributes["tokenlay.metadata.tenant"] == "t"
+
+
+def test_cached_tokens_are_counted(
+    server: FakeOpenAIServer, instrument, telemetry: SpanCapture
+) -> None:
+    instrument()
+    body = chat_completion("gpt-4o-mini")
+    body["usage"] = {
+        "prompt_tokens": 1000,
+        "completion_tokens": 10,
+        "total_tokens": 1010,
+        "prompt_tokens_details": {"cached_tokens": 600},
+    }
+    server.reply(Reply(body=body))
+    direct(server).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    (cached,) = points(telemetry, "tokenlay.client.cached_tokens")
+    assert cached.value == 600
+    (cost,) = points(telemetry, "tokenlay.client.cost")
+    assert cost.value == pytest.approx(400 * 0.15e-6 + 600 * 0.075e-6 + 10 * 0.6e-6)
+    assert telemetry.only_span().attributes["gen_ai.usage.cache_read.input_tokens"] == 600

@@ -9,50 +9,23 @@ No keys, no network, no Docker.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
-import threading
-import time
-import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 
 import openai
-import uvicorn
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 
 from tokenlay_otel import TokenlayOpenAI, configure, get_tokenlay_metadata, metadata
 from tokenlay_otel.cli import main as tokenlay_cli
-from tokenlay_otel.proxy import ProxyConfig, SQLiteStore, create_app, load_rules
+from tokenlay_otel.proxy import SQLiteStore
+from tokenlay_otel.proxy.local import local_proxy
 
 HERE = Path(__file__).parent
 PROXY_KEY = "tl-demo-key"
 QUESTION = [{"role": "user", "content": "In one sentence: why track LLM spend per user?"}]
-
-
-def start_proxy(workdir: Path) -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = ProxyConfig(
-        keys=frozenset({PROXY_KEY}),
-        rules=load_rules(HERE / "rules.yaml"),
-        store=SQLiteStore(workdir / "proxy-usage.db"),
-        mock_upstream=True,
-    )
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning")
-    )
-    threading.Thread(target=server.run, daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            return url
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("the demo proxy did not start")
 
 
 def one_line(span: ReadableSpan) -> str:
@@ -64,7 +37,8 @@ def one_line(span: ReadableSpan) -> str:
         f"  span  {span.name:<24}",
         f"org={a.get('tokenlay.org')} user={a.get('tokenlay.user')}",
         f"action={a.get('tokenlay.rule.action', 'none')}",
-        f"tokens={a.get('gen_ai.usage.input_tokens', '-')}/{a.get('gen_ai.usage.output_tokens', '-')}",
+        f"tokens={a.get('gen_ai.usage.input_tokens', '-')}"
+        f"/{a.get('gen_ai.usage.output_tokens', '-')}",
         f"cost=${cost:.6f}" if isinstance(cost, float) else "cost=-",
     ]
     if a.get("tokenlay.model_shifted"):
@@ -91,10 +65,19 @@ def call(client: TokenlayOpenAI, label: str, **kwargs: object) -> None:
 
 
 def main() -> int:
+    with ExitStack() as stack:
+        return run(stack)
+
+
+def run(stack: ExitStack) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tokenlay-demo-"))
     ledger = workdir / "tokenlay-ledger.db"
     os.environ["TOKENLAY_LEDGER_PATH"] = str(ledger)
-    proxy = start_proxy(workdir)
+    proxy = stack.enter_context(
+        local_proxy(
+            rules=HERE / "rules.yaml", keys=[PROXY_KEY], store=SQLiteStore(workdir / "u.db")
+        )
+    )
     print(f"local Tokenlay proxy (mock upstream, rules.yaml): {proxy}")
     print(f"spend ledger: {ledger}\n")
 

@@ -64,11 +64,13 @@ class CallMeasurements:
     duration_s: float
     input_tokens: int | None
     output_tokens: int | None
+    cached_input_tokens: int | None
     time_to_first_chunk_s: float | None
     cost: float | None
     cost_source: str
     rule_action: str | None
     routed: bool
+    model_shifted: bool = False
     bypassed: bool = False
 
 
@@ -106,6 +108,11 @@ class MetricRecorder:
         self.cost = meter.create_counter(
             "tokenlay.client.cost", unit="USD", description="Cost of LLM calls in US dollars"
         )
+        self.cached_tokens = meter.create_counter(
+            "tokenlay.client.cached_tokens",
+            unit="{token}",
+            description="Input tokens served from the provider's prompt cache",
+        )
         self.requests = meter.create_counter(
             "tokenlay.client.requests",
             unit="{request}",
@@ -134,6 +141,8 @@ class MetricRecorder:
             self.tokens.record(m.input_tokens, {**attrs, "gen_ai.token.type": "input"}, context)
         if m.output_tokens is not None:
             self.tokens.record(m.output_tokens, {**attrs, "gen_ai.token.type": "output"}, context)
+        if m.input_tokens is not None:
+            self.cached_tokens.add(m.cached_input_tokens or 0, attrs, context=context)
         if m.time_to_first_chunk_s is not None:
             self.time_to_first_chunk.record(m.time_to_first_chunk_s, attrs, context=context)
         request_attrs = {
@@ -141,9 +150,9 @@ class MetricRecorder:
             "tokenlay.rule.action": m.rule_action or "none",
             "tokenlay.cost.source": m.cost_source,
             "tokenlay.routed": m.routed,
+            "tokenlay.model_shifted": m.model_shifted,
+            "tokenlay.proxy.bypassed": m.bypassed,
         }
-        if m.bypassed:
-            request_attrs["tokenlay.proxy.bypassed"] = True
         self.requests.add(1, request_attrs, context=context)
         if m.cost is not None:
             self.cost.add(m.cost, {**attrs, "tokenlay.cost.source": m.cost_source}, context)

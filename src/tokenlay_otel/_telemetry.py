@@ -246,11 +246,13 @@ class LLMCall:
                 duration_s=duration,
                 input_tokens=usage.input_tokens if usage else None,
                 output_tokens=usage.output_tokens if usage else None,
+                cached_input_tokens=usage.cached_input_tokens if usage else None,
                 time_to_first_chunk_s=ttfc,
                 cost=cost,
                 cost_source=source,
                 rule_action=meta.rule_action if meta else None,
                 routed=self.routed,
+                model_shifted=bool(shifted),
             ),
             trace.set_span_in_context(span),
         )

@@ -1,0 +1,100 @@
+"""Run the proxy in this process, on a free loopback port: for tests, demos, examples."""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .rules import Rule, load_rules
+from .store import SQLiteStore, UsageStore
+
+__all__ = ["DEFAULT_LOCAL_KEY", "local_proxy", "tokenlay_or_local"]
+
+DEFAULT_LOCAL_KEY = "tl-local-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def local_proxy(
+    *,
+    rules: Sequence[Rule] | str | Path = (),
+    keys: Sequence[str] = (DEFAULT_LOCAL_KEY,),
+    mock_upstream: bool = True,
+    store: UsageStore | None = None,
+    **config: Any,
+) -> Iterator[str]:
+    """Serve the gateway on ``127.0.0.1`` in a background thread; yields its URL.
+
+    Args:
+        rules: rules, or the path of a rules file.
+        keys: accepted Tokenlay keys (default: ``tl-local-key``).
+        mock_upstream: answer with the deterministic mock provider (default).
+        store: usage store (default: SQLite in a temporary folder).
+        **config: other :class:`ProxyConfig` fields (tracer_provider, meter_provider...).
+    """
+    import uvicorn
+
+    from .app import ProxyConfig, create_app
+
+    loaded = load_rules(rules) if isinstance(rules, str | Path) else list(rules)
+    if store is None:
+        store = SQLiteStore(Path(tempfile.mkdtemp(prefix="tokenlay-proxy-")) / "usage.db")
+    app = create_app(
+        ProxyConfig(
+            keys=frozenset(keys), rules=loaded, store=store, mock_upstream=mock_upstream, **config
+        )
+    )
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="tokenlay-local-proxy", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1).read()  # noqa: S310  # loopback
+            break
+        except OSError:
+            if time.monotonic() > deadline or not thread.is_alive():
+                server.should_exit = True
+                raise RuntimeError("the local Tokenlay proxy did not start") from None
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@contextmanager
+def tokenlay_or_local(**proxy_options: Any) -> Iterator[dict[str, str]]:
+    """Client arguments for the real Tokenlay when ``TOKENLAY_KEY`` is set, else for a
+    local proxy with the mock upstream (started here, stopped on exit).
+
+    Yields:
+        Keyword arguments for ``TokenlayOpenAI``: empty (the environment variables
+        apply) or ``tokenlay_base_url``/``tokenlay_key``/``provider_api_key``.
+    """
+    import os
+
+    if os.environ.get("TOKENLAY_KEY"):
+        yield {}
+        return
+    with local_proxy(**proxy_options) as url:
+        yield {
+            "tokenlay_base_url": url,
+            "tokenlay_key": DEFAULT_LOCAL_KEY,
+            "provider_api_key": os.environ.get("PROVIDER_API_KEY") or "sk-local-mock",
+        }
