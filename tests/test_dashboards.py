@@ -1,0 +1,210 @@
+"""The Grafana stack's files are consistent, and every dashboard query names metrics and
+labels that the SDK and the proxy really emit (checked on a live Prometheus scrape)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import re
+import socket
+import urllib.request
+from pathlib import Path
+
+import openai
+import promql_parser
+import pytest
+import yaml
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import start_http_server
+from prometheus_client.parser import text_string_to_metric_families
+
+from tokenlay_otel import TokenlayInstrumentor, TokenlayOpenAI, metadata
+from tokenlay_otel._config import Settings
+from tokenlay_otel.proxy.local import DEFAULT_LOCAL_KEY, local_proxy
+
+ROOT = Path(__file__).parent.parent
+STACK = ROOT / "deploy" / "grafana"
+DASHBOARDS = sorted((STACK / "grafana" / "dashboards").glob("*.json"))
+VARIABLES = {"$__rate_interval": "5m", "$__range": "1h", "$__interval": "1m"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def scraped() -> dict[str, set[str]]:
+    """Sample name -> label names, from a scrape after a realistic mix of calls."""
+    port = _free_port()
+    http_server, _ = start_http_server(port, addr="127.0.0.1")
+    reader = PrometheusMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    instrumentor = TokenlayInstrumentor()
+    instrumentor.instrument(tracer_provider=TracerProvider(), meter_provider=meters,
+                            settings=Settings())  # fmt: skip
+    rules = ROOT / "examples" / "demo" / "rules.yaml"
+    try:
+        with local_proxy(rules=rules, meter_provider=meters) as url:
+            client = TokenlayOpenAI(provider_api_key="sk-x", tokenlay_key=DEFAULT_LOCAL_KEY,
+                                    tokenlay_base_url=url, max_retries=0)  # fmt: skip
+            calls = [("bob", "free", "gpt-4o")] * 4 + [("alice", "pro", "gpt-4o")] * 4
+            calls += [("carol", "team", "gpt-4o")] * 8 + [("erin", "x", "no-price-model")]
+            for user, plan, model in calls:
+                with (
+                    metadata(user=user, org=f"org-{plan}", plan=plan),
+                    contextlib.suppress(openai.RateLimitError),
+                ):
+                    client.chat.completions.create(
+                        model=model, messages=[{"role": "user", "content": "hi"}]
+                    )
+            with metadata(user="sam", org="org-stream"):
+                stream = client.chat.completions.create(
+                    model="gpt-4o-mini", stream=True, messages=[{"role": "user", "content": "s"}]
+                )
+                list(stream)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    finally:
+        instrumentor.uninstrument()
+        meters.shutdown()
+        http_server.shutdown()
+    found: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            found.setdefault(sample.name, set()).update(sample.labels)
+    return found
+
+
+def queries(path: Path) -> list[tuple[str, str]]:
+    board = json.loads(path.read_text())
+    out = [(p["title"], t["expr"]) for p in board["panels"] for t in p["targets"]]
+    assert out, f"{path.name} has no queries"
+    return out
+
+
+def substitute(expr: str) -> str:
+    for name, value in VARIABLES.items():
+        expr = expr.replace(name, value)
+    return re.sub(r"\$\w+", ".*", expr)
+
+
+def selections(expr: str) -> tuple[list[tuple[str, set[str]]], set[str]]:
+    """(metric, labels it is filtered on) per selector, and labels grouped or matched on."""
+    selectors: list[tuple[str, set[str]]] = []
+    grouping: set[str] = set()
+
+    def visit(node: object) -> bool:
+        if isinstance(node, promql_parser.VectorSelector):
+            selectors.append((node.name, {m.name for m in node.matchers.matchers}))
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            grouping.update(node.modifier.labels)
+        elif isinstance(node, promql_parser.BinaryExpr) and node.modifier is not None:
+            matching = node.modifier.matching
+            grouping.update(matching.labels if matching is not None else ())
+        return True
+
+    promql_parser.walk(promql_parser.parse(substitute(expr)), visit)
+    return selectors, grouping
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=[p.name for p in DASHBOARDS])
+def test_every_query_names_real_metrics_and_labels(
+    path: Path, scraped: dict[str, set[str]]
+) -> None:
+    for title, expr in queries(path):
+        selectors, grouping = selections(expr)
+        assert selectors, f"{title}: no metric in {expr}"
+        labels_in_scope: set[str] = set()
+        for metric, labels in selectors:
+            assert metric in scraped, f"{title}: {metric} is not emitted ({sorted(scraped)[:8]}...)"
+            missing = labels - scraped[metric]
+            assert not missing, f"{title}: {metric} has no label(s) {missing}"
+            labels_in_scope |= scraped[metric]
+        assert grouping <= labels_in_scope, f"{title}: grouping on {grouping - labels_in_scope}"
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=[p.name for p in DASHBOARDS])
+def test_template_variables_name_real_labels(path: Path, scraped: dict[str, set[str]]) -> None:
+    board = json.loads(path.read_text())
+    for variable in board["templating"]["list"]:
+        match = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["definition"])
+        assert match, variable["definition"]
+        metric, label = match.groups()
+        assert label in scraped[metric], f"${variable['name']}: {metric} has no {label}"
+
+
+def test_the_queries_cover_what_the_issue_asks_for() -> None:
+    spend = " ".join(expr for _, expr in queries(STACK / "grafana/dashboards/llm-spend.json"))
+    for needle in ("by (tokenlay_org)", "by (tokenlay_user)", "by (gen_ai_response_model)",
+                   "topk(10", "tokenlay_client_cached_tokens_total", "gen_ai_token_type",
+                   "error_type", "time_to_first_chunk", "tokenlay_rule_action",
+                   'tokenlay_model_shifted="true"', 'tokenlay_cost_source="unknown"',
+                   'tokenlay_proxy_bypassed="true"'):  # fmt: skip
+        assert needle in spend, needle
+    board = json.loads((STACK / "grafana/dashboards/llm-spend.json").read_text())
+    assert {v["name"] for v in board["templating"]["list"]} == {"org", "user", "model", "provider"}
+    latency = [p for p in board["panels"] if p["title"].startswith("Latency")]
+    assert latency and all(t["exemplar"] for t in latency[0]["targets"])
+
+
+def test_dashboards_are_up_to_date_with_their_generator() -> None:
+    spec = importlib.util.spec_from_file_location("build_dashboards", STACK / "build_dashboards.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rendered = module.render()
+    assert sorted(rendered) == [p.name for p in DASHBOARDS]
+    for path in DASHBOARDS:
+        assert path.read_text() == rendered[path.name], f"run build_dashboards.py ({path.name})"
+
+
+def test_compose_and_provisioning_files_are_consistent() -> None:
+    compose = yaml.safe_load((STACK / "docker-compose.yaml").read_text())
+    services = compose["services"]
+    assert {"otel-collector", "prometheus", "tempo", "grafana", "tokenlay-proxy"} <= set(services)
+    for name, service in services.items():
+        if "image" in service:
+            assert re.search(r":v?\d", service["image"]), f"{name}: pin the image version"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (STACK / source).exists(), f"{name}: {source} does not exist"
+        if "build" in service:
+            context = STACK / service["build"]["context"]
+            assert (context / service["build"]["dockerfile"]).exists()
+    prometheus = services["prometheus"]["command"]
+    assert "--web.enable-otlp-receiver" in prometheus
+    assert "--enable-feature=exemplar-storage" in prometheus
+
+    collector = yaml.safe_load((STACK / "otel-collector.yaml").read_text())
+    pipelines = collector["service"]["pipelines"]
+    for pipeline in pipelines.values():
+        assert set(pipeline["receivers"]) <= set(collector["receivers"])
+        assert set(pipeline["exporters"]) <= set(collector["exporters"])
+    assert (
+        "prometheus:9090/api/v1/otlp" in collector["exporters"]["otlphttp/prometheus"]["endpoint"]
+    )
+    yaml.safe_load((STACK / "prometheus.yaml").read_text())
+    yaml.safe_load((STACK / "tempo.yaml").read_text())
+
+    sources = yaml.safe_load(
+        (STACK / "grafana/provisioning/datasources/datasources.yaml").read_text()
+    )["datasources"]
+    uids = {s["uid"] for s in sources}
+    prom = next(s for s in sources if s["type"] == "prometheus")
+    links = prom["jsonData"]["exemplarTraceIdDestinations"]
+    assert links == [{"name": "trace_id", "datasourceUid": "tempo"}]
+    assert "tempo" in uids
+    providers = yaml.safe_load(
+        (STACK / "grafana/provisioning/dashboards/dashboards.yaml").read_text()
+    )["providers"]
+    mount = next(v for v in services["grafana"]["volumes"] if "dashboards:" in v).split(":")[1]
+    assert providers[0]["options"]["path"] == mount
+    for path in DASHBOARDS:
+        board = json.loads(path.read_text())
+        for panel in board["panels"]:
+            assert panel["datasource"]["uid"] in uids

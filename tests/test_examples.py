@@ -1,0 +1,84 @@
+"""Every example runs, offline, against the local proxy's mock upstream."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .otlp_receiver import OTLPReceiver
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def run(name: str, *args: str, env: dict[str, str] | None = None) -> str:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENLAY_", "OTEL_"))}
+    clean.pop("TOKENLAY_OTEL_RAISE_INTERNAL_ERRORS", None)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name / "main.py"), *args],
+        env={**clean, "TOKENLAY_OTEL_RAISE_INTERNAL_ERRORS": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def test_every_example_has_a_main_and_a_readme() -> None:
+    folders = [p for p in EXAMPLES.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))]
+    assert len(folders) >= 9
+    for folder in folders:
+        assert (folder / "main.py").exists(), folder
+        assert (folder / "README.md").exists(), folder
+
+
+def test_demo() -> None:
+    out = run("demo")
+    assert "BLOCKED 429 by free-daily-requests" in out
+    assert "proxy switched model to gpt-4o-mini" in out
+    assert "warning: 82% of the daily tokens limit (200) used by org globex" in out
+    assert "spend by org" in out
+    assert "spend by user" in out
+    total = [line for line in out.splitlines() if line.startswith("TOTAL")]
+    assert len(total) == 2
+    assert total[0].split()[1] == "18"  # 18 calls in the ledger
+
+
+def test_quickstart() -> None:
+    out = run("quickstart")
+    assert "reply:" in out
+    assert "rule_action='allow'" in out
+
+
+def test_zero_code() -> None:
+    out = run("zero_code")
+    assert "alice@acme:" in out
+    assert '"tokenlay.user": "carol"' in out
+    assert '"tokenlay.routed": true' in out
+
+
+@pytest.mark.parametrize(("name", "expect"), [
+    ("fastapi_app", "carol@globex: {'answer':"),
+    ("flask_app", "frank@hooli: {'answer':"),
+    ("streaming", "(proxy)"),
+    ("async_users", "org-4: 40 calls"),
+    ("configure_exporters", '"name": "tokenlay.client.cost"'),
+])  # fmt: skip
+def test_example(name: str, expect: str) -> None:
+    assert expect in run(name)
+
+
+def test_grafana_example_exports_over_otlp() -> None:
+    with OTLPReceiver() as receiver:
+        out = run("grafana", "--calls", "20",
+                  env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                       "OTEL_EXPORTER_OTLP_INSECURE": "true"})  # fmt: skip
+    assert "sent 20 calls" in out
+    spans = receiver.spans()
+    assert len([s for s in spans if s.name.startswith("chat ")]) == 20
+    assert "tokenlay.client.cost" in receiver.metrics()
