@@ -6,9 +6,11 @@ dicts; they never see a span.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -115,8 +117,12 @@ _PROVIDERS: tuple[tuple[str, str], ...] = (
 )
 
 
-def provider_attributes(base_url: str) -> dict[str, Any]:
-    """``gen_ai.provider.name``, ``server.address`` and ``server.port`` of a provider URL."""
+@functools.lru_cache(maxsize=256)
+def provider_attributes(base_url: str) -> Mapping[str, Any]:
+    """``gen_ai.provider.name``, ``server.address`` and ``server.port`` of a provider URL.
+
+    Cached per URL (a process talks to a handful of providers); the result is read-only.
+    """
     parts = urlsplit(base_url)
     host = (parts.hostname or "").lower()
     name = host or "unknown"
@@ -133,7 +139,7 @@ def provider_attributes(base_url: str) -> dict[str, Any]:
         except ValueError:
             port = None
         attrs[SERVER_PORT] = port or (443 if parts.scheme == "https" else 80)
-    return attrs
+    return MappingProxyType(attrs)
 
 
 def _number(value: Any) -> float | int | None:
@@ -181,6 +187,7 @@ def request_attributes(body: Mapping[str, Any], endpoint: Endpoint) -> dict[str,
     return attrs
 
 
+@functools.lru_cache(maxsize=1024)
 def metadata_attribute(field: str) -> str:
     """``tokenlay.user`` ... for standard fields, ``tokenlay.metadata.<name>`` otherwise."""
     return f"tokenlay.{field}" if field in STANDARD_METADATA else f"tokenlay.metadata.{field}"

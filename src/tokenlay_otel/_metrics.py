@@ -33,6 +33,8 @@ TOKEN_BUCKETS = (
 )  # fmt: skip
 
 OTHER = "_other"
+# An empty context: no span, so the SDK's trace-based exemplar filter stops at once.
+_NO_SPAN = Context()
 
 
 class ValueCap:
@@ -136,13 +138,15 @@ class MetricRecorder:
             value = m.metadata.get(field)
             if value is not None:
                 attrs[name] = cap(value)
+        # Exemplars (trace-based) link duration, time to first chunk and cost to the span;
+        # the other records skip the exemplar work.
         self.duration.record(m.duration_s, attrs, context=context)
         if m.input_tokens is not None:
-            self.tokens.record(m.input_tokens, {**attrs, "gen_ai.token.type": "input"}, context)
+            self.tokens.record(m.input_tokens, {**attrs, "gen_ai.token.type": "input"}, _NO_SPAN)
         if m.output_tokens is not None:
-            self.tokens.record(m.output_tokens, {**attrs, "gen_ai.token.type": "output"}, context)
-        if m.input_tokens is not None:
-            self.cached_tokens.add(m.cached_input_tokens or 0, attrs, context=context)
+            self.tokens.record(m.output_tokens, {**attrs, "gen_ai.token.type": "output"}, _NO_SPAN)
+        if m.cached_input_tokens:
+            self.cached_tokens.add(m.cached_input_tokens, attrs, context=_NO_SPAN)
         if m.time_to_first_chunk_s is not None:
             self.time_to_first_chunk.record(m.time_to_first_chunk_s, attrs, context=context)
         request_attrs = {
@@ -153,6 +157,6 @@ class MetricRecorder:
             "tokenlay.model_shifted": m.model_shifted,
             "tokenlay.proxy.bypassed": m.bypassed,
         }
-        self.requests.add(1, request_attrs, context=context)
+        self.requests.add(1, request_attrs, context=_NO_SPAN)
         if m.cost is not None:
             self.cost.add(m.cost, {**attrs, "tokenlay.cost.source": m.cost_source}, context)

@@ -53,17 +53,17 @@ def _reply(body: dict[str, Any]) -> str:
     return _REPLIES[int(hashlib.sha256(seed.encode()).hexdigest(), 16) % len(_REPLIES)]
 
 
-def _usage(prompt: int, completion: int) -> dict[str, Any]:
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": cached},
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
 
 
-def _chat(body: dict[str, Any], model: str) -> dict[str, Any]:
+def _chat(body: dict[str, Any], model: str, cached: int = 0) -> dict[str, Any]:
     text = _reply(body)
     return {
         "id": "chatcmpl-mock",
@@ -79,7 +79,7 @@ def _chat(body: dict[str, Any], model: str) -> dict[str, Any]:
                 "logprobs": None,
             }
         ],
-        "usage": _usage(_prompt_tokens(body), _tokens(text)),
+        "usage": _usage(_prompt_tokens(body), _tokens(text), cached),
     }
 
 
@@ -151,7 +151,17 @@ def _json(status: int, data: Any) -> httpx2.Response:
     return httpx2.Response(status, json=data)
 
 
-async def _handle(request: httpx2.Request) -> httpx2.Response:
+def _cached_tokens(seen: set[str], body: dict[str, Any]) -> int:
+    """Like a provider's prompt cache: a prompt seen before has half its tokens cached."""
+    key = hashlib.sha256(json.dumps(body.get("messages"), sort_keys=True).encode()).hexdigest()
+    if key in seen:
+        return _prompt_tokens(body) // 2
+    if len(seen) < 10_000:
+        seen.add(key)
+    return 0
+
+
+async def _handle(request: httpx2.Request, seen: set[str]) -> httpx2.Response:
     path = request.url.path.rstrip("/")
     if request.method == "GET" and path.endswith("/models"):
         return _json(200, {"object": "list", "data": [{"id": "mock-model", "object": "model"}]})
@@ -169,7 +179,7 @@ async def _handle(request: httpx2.Request) -> httpx2.Response:
                 content=_chat_stream(body, model),
                 headers={"content-type": "text/event-stream"},
             )
-        return _json(200, _chat(body, model))
+        return _json(200, _chat(body, model, _cached_tokens(seen, body)))
     if path.endswith("/responses"):
         return _json(200, _responses(body, model))
     if path.endswith("/embeddings"):
@@ -198,4 +208,9 @@ async def _handle(request: httpx2.Request) -> httpx2.Response:
 
 def mock_transport() -> httpx2.MockTransport:
     """The mock upstream as an ``httpx2`` transport."""
-    return httpx2.MockTransport(_handle)
+    seen: set[str] = set()
+
+    async def handle(request: httpx2.Request) -> httpx2.Response:
+        return await _handle(request, seen)
+
+    return httpx2.MockTransport(handle)
