@@ -32,6 +32,29 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _no_secret_is_exported(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture):  # type: ignore[no-untyped-def]
+    """Across the whole suite: no key in any exported span, event, metric or log record."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)  # openai's and ours, at their most talkative
+    capture = request.getfixturevalue("telemetry") if "telemetry" in request.fixturenames else None
+    yield
+    # caplog.text/records only hold the current (teardown) phase: read every phase.
+    records = [r for when in ("setup", "call") for r in caplog.get_records(when)]
+    texts = [r.getMessage() for r in records] + [str(r.args) for r in records]
+    if capture is not None:
+        texts += [span.to_json() for span in capture.exporter.get_finished_spans()]
+        data = capture.reader.get_metrics_data()
+        if data is not None:
+            texts.append(data.to_json())
+    blob = "\n".join(texts)
+    for secret in (PROVIDER_KEY, TOKENLAY_KEY):
+        assert secret not in blob, (
+            f"a key leaked into exported telemetry or logs: {request.node.name}"
+        )
+
+
 @pytest.fixture
 def server() -> Iterator[FakeOpenAIServer]:
     with FakeOpenAIServer() as srv:

@@ -16,6 +16,7 @@ import openai
 from ._config import Route, Settings, client_route
 from ._instrumentor import TokenlayInstrumentor
 from ._protocol import split_caller_headers, validate_metadata
+from ._safety import redact_openai_debug_logs
 from ._telemetry import Telemetry
 from ._wrappers import note_http_response, request_async, request_sync
 
@@ -32,6 +33,7 @@ def _resolve(
     tokenlay_base_url: str | None,
     metadata: Mapping[str, str] | None,
     extra_headers: Mapping[str, str] | None,
+    fail_open: bool | None,
     kwargs: dict[str, Any],
 ) -> tuple[Route, dict[str, Any]]:
     """The client's route and the keyword arguments for ``openai``'s constructor."""
@@ -49,6 +51,7 @@ def _resolve(
             tokenlay_key=tokenlay_key,
             tokenlay_base_url=tokenlay_base_url,
             metadata=fields,
+            fail_open=fail_open,
         )
     else:
         # copy(api_key=..., base_url=...) overrides the provider side only.
@@ -83,6 +86,7 @@ class _TokenlayClient:
         tokenlay_base_url: str | None = None,
         metadata: Mapping[str, str] | None = None,
         extra_headers: Mapping[str, str] | None = None,
+        fail_open: bool | None = None,
         **kwargs: Any,
     ) -> None:
         route, openai_kwargs = _resolve(
@@ -92,11 +96,13 @@ class _TokenlayClient:
             tokenlay_base_url=tokenlay_base_url,
             metadata=metadata,
             extra_headers=extra_headers,
+            fail_open=fail_open,
             kwargs=kwargs,
         )
         cast(Any, super()).__init__(**openai_kwargs)
         self._tokenlay_route = route
-        self._tokenlay_telemetry = Telemetry.create(settings=Settings.from_env())
+        redact_openai_debug_logs()
+        self._tokenlay_telemetry = Telemetry.create(settings=Settings.from_env(routing=False))
 
     def copy(self, **kwargs: Any) -> Any:
         """Like ``openai``'s ``copy()``/``with_options()``, keeping the Tokenlay settings."""
@@ -120,6 +126,8 @@ class TokenlayOpenAI(_TokenlayClient, openai.OpenAI):  # type: ignore[misc]  # c
         metadata: client-wide attribution, e.g. ``{"user": "u1", "org": "o1"}``.
         extra_headers: seed-compatible: ``user``/``org``/``plan``/``project``/``feature``
             and ``x-tokenlay-*`` keys are metadata; other headers are sent as given.
+        fail_open: when the proxy cannot be reached, call the provider directly (env
+            ``TOKENLAY_FAIL_OPEN``, default off).
         **kwargs: anything ``openai.OpenAI`` accepts (timeout, max_retries, http_client...).
 
     Raises:

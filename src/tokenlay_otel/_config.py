@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_PROVIDER_API_BASE",
     "DEFAULT_TOKENLAY_BASE_URL",
     "ENV_CAPTURE_CONTENT",
+    "ENV_FAIL_OPEN",
     "ENV_METRIC_ATTRIBUTES",
     "ENV_METRIC_USER_LIMIT",
     "ENV_PRICES_FILE",
@@ -50,6 +51,9 @@ ENV_METRIC_ATTRIBUTES = "TOKENLAY_METRIC_ATTRIBUTES"
 ENV_METRIC_USER_LIMIT = "TOKENLAY_METRIC_USER_LIMIT"
 #: JSON or YAML file of price overrides/additions (USD per 1M tokens).
 ENV_PRICES_FILE = "TOKENLAY_PRICES_FILE"
+#: ``true``: when the proxy cannot be reached (connection error, timeout), send the call
+#: straight to the provider and mark it ``tokenlay.proxy.bypassed``. Default off.
+ENV_FAIL_OPEN = "TOKENLAY_FAIL_OPEN"
 
 DEFAULT_TOKENLAY_BASE_URL = "https://api.tokenlay.com"
 DEFAULT_PROVIDER_API_BASE = "https://api.openai.com/v1"
@@ -76,6 +80,8 @@ class Route:
     metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     #: Raise on bad per-request metadata (drop-in clients) instead of dropping it.
     strict: bool = False
+    #: Go straight to the provider when the proxy cannot be reached.
+    fail_open: bool = False
 
 
 def _truthy(value: str | None, *, default: bool) -> bool:
@@ -96,16 +102,24 @@ class Settings:
     metric_fields: tuple[str, ...] = ("user", "org")
     metric_value_limit: int = 1000
     prices_file: str | None = None
+    fail_open: bool = False
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, routing: bool = True
+    ) -> Settings:
         """Read settings from ``environ`` (default ``os.environ``).
+
+        Args:
+            environ: the variables to read.
+            routing: read (and check) the routing variables; drop-in clients, which
+                take their route from their own arguments, pass ``False``.
 
         Raises:
             ValueError: a variable holds a value that cannot be used, naming it.
         """
         env = os.environ if environ is None else environ
-        key = env.get(ENV_TOKENLAY_KEY) or None
+        key = (env.get(ENV_TOKENLAY_KEY) or None) if routing else None
         base = env.get(ENV_TOKENLAY_BASE_URL) or DEFAULT_TOKENLAY_BASE_URL
         if key:
             base = check_url_security(base, what=ENV_TOKENLAY_BASE_URL)
@@ -133,6 +147,7 @@ class Settings:
             metric_fields=metric_fields,
             metric_value_limit=int(limit_text),
             prices_file=env.get(ENV_PRICES_FILE) or None,
+            fail_open=_truthy(env.get(ENV_FAIL_OPEN), default=False),
         )
 
     def instrumented_route(self) -> Route | None:
@@ -143,6 +158,7 @@ class Settings:
             tokenlay_key=self.tokenlay_key,
             tokenlay_base_url=self.tokenlay_base_url,
             metadata=self.metadata,
+            fail_open=self.fail_open,
         )
 
 
@@ -153,6 +169,7 @@ def client_route(
     tokenlay_key: str | None,
     tokenlay_base_url: str | None,
     metadata: Mapping[str, str],
+    fail_open: bool | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Route:
     """Resolve a drop-in client's route from its arguments, then the environment.
@@ -193,4 +210,7 @@ def client_route(
         provider_base=provider_base,
         metadata=_frozen({**defaults, **metadata}),
         strict=True,
+        fail_open=(
+            _truthy(env.get(ENV_FAIL_OPEN), default=False) if fail_open is None else fail_open
+        ),
     )

@@ -18,6 +18,7 @@ from wrapt import wrap_function_wrapper
 
 from ._config import Route, Settings
 from ._pricing import warm_up
+from ._safety import redact_openai_debug_logs
 from ._telemetry import Telemetry
 from ._wrappers import note_http_response, request_async, request_sync
 
@@ -64,6 +65,7 @@ class TokenlayInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # untyped b
         )
         warm_up()
         route = settings.instrumented_route()
+        redact_openai_debug_logs()
         TokenlayInstrumentor.active_telemetry = telemetry
 
         def sync_request(wrapped: Any, instance: Any, args: Any, kw: Any) -> Any:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["ENV_RAISE_INTERNAL", "guard", "internal_error", "log"]
+__all__ = ["ENV_RAISE_INTERNAL", "guard", "internal_error", "log", "redact_openai_debug_logs"]
 
 log = logging.getLogger("tokenlay_otel")
 
@@ -39,3 +39,31 @@ def guard(what: str) -> Iterator[None]:
         yield
     except Exception:
         internal_error(what)
+
+
+_SECRET_HEADERS = frozenset({"x-tokenlay-provider-key", "authorization"})
+
+
+class _RedactTokenlayHeaders(logging.Filter):
+    """openai 1.x logs each request's options (with headers) at debug level and redacts
+    only its own auth headers; the provider key we add would show. Redact it too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, dict) and isinstance(args.get("headers"), dict):
+            headers = dict(args["headers"])
+            for name in headers:
+                if str(name).lower() in _SECRET_HEADERS:
+                    headers[name] = "<redacted>"
+            record.args = {**args, "headers": headers}
+        return True
+
+
+_redactor = _RedactTokenlayHeaders()
+
+
+def redact_openai_debug_logs() -> None:
+    """Install the redaction on openai's request logger (once)."""
+    logger = logging.getLogger("openai._base_client")
+    if _redactor not in logger.filters:
+        logger.addFilter(_redactor)

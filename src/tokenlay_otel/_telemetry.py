@@ -73,6 +73,7 @@ class LLMCall:
         "_ended",
         "_start",
         "body",
+        "bypassed",
         "endpoint",
         "first_chunk_at",
         "http_response",
@@ -104,6 +105,7 @@ class LLMCall:
         self.span: Span | None = None
         self.http_response: Any = None
         self.first_chunk_at: float | None = None
+        self.bypassed = False
         self._context_token: object = None
         self._ended = False
         self._start = 0.0
@@ -218,6 +220,9 @@ class LLMCall:
         attrs[A.COST_SOURCE] = source
         if meta is not None:
             attrs.update(A.tokenlay_response_attributes(meta))
+        if self.bypassed:
+            attrs[A.ROUTED] = False
+            attrs[A.BYPASSED] = True
         error_type = A.error_type(error) if error is not None else None
         if error_type is not None:
             attrs[A.ERROR_TYPE] = error_type
@@ -251,8 +256,9 @@ class LLMCall:
                 cost=cost,
                 cost_source=source,
                 rule_action=meta.rule_action if meta else None,
-                routed=self.routed,
+                routed=self.routed and not self.bypassed,
                 model_shifted=bool(shifted),
+                bypassed=self.bypassed,
             ),
             trace.set_span_in_context(span),
         )

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
 
-from openai import Omit
+from openai import APIConnectionError, Omit
 
 from ._attributes import PROVIDER, Endpoint, endpoint_for
 from ._config import Route
@@ -43,13 +43,34 @@ _warned: set[str] = set()
 class _Request:
     """State of one ``request`` call, visible to the ``_process_response`` tap."""
 
-    __slots__ = ("hide_usage", "http_response", "llm", "streaming")
+    __slots__ = ("fallback", "hide_usage", "http_response", "llm", "streaming")
 
     def __init__(self, llm: LLMCall | None, *, streaming: bool, hide_usage: bool) -> None:
         self.llm = llm
         self.streaming = streaming
         self.hide_usage = hide_usage
         self.http_response: Any = None
+        #: The caller's own (args, kwargs), when fail-open may send the call direct.
+        self.fallback: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+
+    def bypass(self, exc: BaseException) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The call as the caller made it, if the proxy was unreachable and fail-open is on.
+
+        Only connection errors and timeouts qualify: an HTTP answer from the proxy (a
+        block, a 5xx) is never bypassed.
+        """
+        if self.fallback is None or not isinstance(exc, APIConnectionError):
+            return None
+        log.warning(
+            "tokenlay_otel: the Tokenlay proxy could not be reached (%s); fail-open sends "
+            "this call straight to the provider",
+            type(exc).__name__,
+        )
+        self.hide_usage = False  # the caller's options go as they were
+        self.http_response = None
+        if self.llm is not None:
+            self.llm.bypassed = True
+        return self.fallback
 
     def detach(self) -> None:
         if self.llm is not None:
@@ -259,6 +280,8 @@ def _begin(
             validate_metadata(split[0])
         with guard("routing the call"):
             new_options, request = _start(client, route, telemetry, options, *split)
+            if route is not None and route.fail_open and new_options is not options:
+                request.fallback = (args, kwargs)
             return (*_rebind(args, kwargs, new_options, in_kwargs), request)
     if route is not None:
         log.warning("tokenlay_otel: could not route a call through Tokenlay; sent it unrouted")
@@ -282,7 +305,13 @@ def request_sync(
         return wrapped(*args, **kwargs)
     token = _ACTIVE.set(request)
     try:
-        result = wrapped(*args, **kwargs)
+        try:
+            result = wrapped(*args, **kwargs)
+        except APIConnectionError as exc:
+            direct = request.bypass(exc)
+            if direct is None:
+                raise
+            result = wrapped(*direct[0], **direct[1])
     except BaseException as exc:
         request.failed(exc)
         raise
@@ -309,7 +338,13 @@ async def request_async(
         return await wrapped(*args, **kwargs)
     token = _ACTIVE.set(request)
     try:
-        result = await wrapped(*args, **kwargs)
+        try:
+            result = await wrapped(*args, **kwargs)
+        except APIConnectionError as exc:
+            direct = request.bypass(exc)
+            if direct is None:
+                raise
+            result = await wrapped(*direct[0], **direct[1])
     except BaseException as exc:
         request.failed(exc)
         raise
