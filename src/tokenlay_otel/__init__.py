@@ -29,13 +29,18 @@ Attribution precedence, highest first: per-request ``extra_headers``, the innerm
 ``TOKENLAY_METADATA``.
 """
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
+
 from ._client import AsyncTokenlayOpenAI, TokenlayOpenAI
 from ._context import metadata
 from ._instrumentor import TokenlayInstrumentor
 from ._protocol import TokenlayResponseMetadata
 from ._responses import get_tokenlay_metadata
 from ._version import __version__
-from .exporters import configure
+
+if _TYPE_CHECKING:
+    from .exporters import configure
 
 __all__ = [
     "AsyncTokenlayOpenAI",
@@ -47,3 +52,17 @@ __all__ = [
     "get_tokenlay_metadata",
     "metadata",
 ]
+
+
+def __getattr__(name: str) -> _Any:
+    # configure() pulls in the OpenTelemetry SDK's exporters machinery (~30 ms of
+    # imports): load it when first used, not on `import tokenlay_otel`.
+    if name == "configure":
+        from .exporters import configure
+
+        return configure
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -198,11 +198,25 @@ def metadata_attributes(metadata: Mapping[str, str]) -> dict[str, str]:
     return {metadata_attribute(k): v for k, v in metadata.items()}
 
 
+_MISSING = object()
+
+
 def _get(obj: Any, key: str) -> Any:
-    """Field of a parsed openai model or of a plain dict (raw JSON, stream events)."""
+    """Field of a parsed openai model or of a plain dict (raw JSON, stream events).
+
+    Reads the model's ``__dict__`` (and pydantic's extra fields) rather than calling
+    ``getattr``: a missing attribute on a pydantic model costs an exception.
+    """
     if isinstance(obj, Mapping):
         return obj.get(key)
-    return getattr(obj, key, None)
+    fields = getattr(obj, "__dict__", None)
+    if fields is None:
+        return getattr(obj, key, None)
+    value = fields.get(key, _MISSING)
+    if value is not _MISSING:
+        return value
+    extra = getattr(obj, "__pydantic_extra__", None)
+    return extra.get(key) if extra else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,11 +247,7 @@ def usage_of(usage: Any) -> Usage | None:
         output_tokens = _int(_get(usage, "completion_tokens"))
     in_details = _get(usage, "input_tokens_details") or _get(usage, "prompt_tokens_details")
     out_details = _get(usage, "output_tokens_details") or _get(usage, "completion_tokens_details")
-    cost = _get(usage, "cost")
-    if cost is None and not isinstance(usage, Mapping):
-        extra = getattr(usage, "model_extra", None) or {}
-        cost = extra.get("cost")
-    cost_value = _number(cost)
+    cost_value = _number(_get(usage, "cost"))
     return Usage(
         input_tokens=input_tokens,
         output_tokens=output_tokens,

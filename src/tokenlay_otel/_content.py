@@ -9,13 +9,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from ._attributes import _get
+
 __all__ = ["input_messages", "output_messages", "stream_output_messages"]
-
-
-def _get(obj: Any, key: str) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(key)
-    return getattr(obj, key, None)
 
 
 def _text_parts(content: Any) -> list[dict[str, Any]]:

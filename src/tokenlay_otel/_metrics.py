@@ -33,8 +33,6 @@ TOKEN_BUCKETS = (
 )  # fmt: skip
 
 OTHER = "_other"
-# An empty context: no span, so the SDK's trace-based exemplar filter stops at once.
-_NO_SPAN = Context()
 
 
 class ValueCap:
@@ -138,15 +136,15 @@ class MetricRecorder:
             value = m.metadata.get(field)
             if value is not None:
                 attrs[name] = cap(value)
-        # Exemplars (trace-based) link duration, time to first chunk and cost to the span;
-        # the other records skip the exemplar work.
+        # Recorded in the LLM span's context: the SDK's trace-based exemplars then link
+        # the points to the span (and the SDK takes its fastest path with a context).
         self.duration.record(m.duration_s, attrs, context=context)
         if m.input_tokens is not None:
-            self.tokens.record(m.input_tokens, {**attrs, "gen_ai.token.type": "input"}, _NO_SPAN)
+            self.tokens.record(m.input_tokens, {**attrs, "gen_ai.token.type": "input"}, context)
         if m.output_tokens is not None:
-            self.tokens.record(m.output_tokens, {**attrs, "gen_ai.token.type": "output"}, _NO_SPAN)
+            self.tokens.record(m.output_tokens, {**attrs, "gen_ai.token.type": "output"}, context)
         if m.cached_input_tokens:
-            self.cached_tokens.add(m.cached_input_tokens, attrs, context=_NO_SPAN)
+            self.cached_tokens.add(m.cached_input_tokens, attrs, context=context)
         if m.time_to_first_chunk_s is not None:
             self.time_to_first_chunk.record(m.time_to_first_chunk_s, attrs, context=context)
         request_attrs = {
@@ -157,6 +155,6 @@ class MetricRecorder:
             "tokenlay.model_shifted": m.model_shifted,
             "tokenlay.proxy.bypassed": m.bypassed,
         }
-        self.requests.add(1, request_attrs, context=_NO_SPAN)
+        self.requests.add(1, request_attrs, context=context)
         if m.cost is not None:
             self.cost.add(m.cost, {**attrs, "tokenlay.cost.source": m.cost_source}, context)

@@ -63,25 +63,30 @@ class _StreamState:
 
     def on_chunk(self, chunk: Any) -> bool:
         """Account for one chunk; ``True`` when it is our usage chunk, to hide."""
-        hide = False
-        self.call.mark_first_chunk()
-        event_type = getattr(chunk, "type", None)
+        call = self.call
+        if call.first_chunk_at is None:
+            call.mark_first_chunk()
+        # Read fields from the model's __dict__: a missing attribute on a pydantic model
+        # costs an exception, and this runs for every chunk.
+        fields = getattr(chunk, "__dict__", None) or {}
+        event_type = fields.get("type")
         if isinstance(event_type, str):  # Responses API event
             if event_type in _STREAM_END_EVENTS:
-                self.final_response = getattr(chunk, "response", None)
+                self.final_response = fields.get("response")
             return False
         if self.response_id is None:
-            self.response_id = getattr(chunk, "id", None)
-            self.model = getattr(chunk, "model", None)
-        usage = getattr(chunk, "usage", None)
-        choices = getattr(chunk, "choices", None) or ()
+            self.response_id = fields.get("id")
+            self.model = fields.get("model")
+        hide = False
+        choices = fields.get("choices") or ()
+        usage = fields.get("usage")
         if usage is not None:
             self.usage = A.usage_of(usage)
             hide = self.hide_usage and not choices
-        fingerprint = getattr(chunk, "system_fingerprint", None)
+        fingerprint = fields.get("system_fingerprint")
         if fingerprint:
             self.fingerprint = fingerprint
-        tier = getattr(chunk, "service_tier", None)
+        tier = fields.get("service_tier")
         if tier:
             self.service_tier = tier
         for choice in choices:
