@@ -14,6 +14,11 @@ from ._attributes import _get
 __all__ = ["input_messages", "output_messages", "stream_output_messages"]
 
 
+def _items(value: Any) -> list[Any]:
+    """A list field, or nothing: data from the wire may not have the expected shape."""
+    return list(value) if isinstance(value, list | tuple) else []
+
+
 def _text_parts(content: Any) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"type": "text", "content": content}]
@@ -28,7 +33,7 @@ def _text_parts(content: Any) -> list[dict[str, Any]]:
 
 def _tool_calls(message: Any) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
-    for call in _get(message, "tool_calls") or []:
+    for call in _items(_get(message, "tool_calls")):
         function = _get(call, "function")
         parts.append(
             {
@@ -69,7 +74,7 @@ def input_messages(body: Mapping[str, Any]) -> str | None:
 def output_messages(response: Any) -> str | None:
     """The response's choices (chat, completions) or output items (responses)."""
     messages: list[dict[str, Any]] = []
-    for choice in _get(response, "choices") or []:
+    for choice in _items(_get(response, "choices")):
         message = _get(choice, "message")
         if message is not None:
             parts = _text_parts(_get(message, "content")) + _tool_calls(message)
@@ -78,7 +83,7 @@ def output_messages(response: Any) -> str | None:
         messages.append(
             {"role": "assistant", "parts": parts, "finish_reason": _get(choice, "finish_reason")}
         )
-    for item in _get(response, "output") or []:
+    for item in _items(_get(response, "output")):
         if _get(item, "type") == "message":
             messages.append({"role": "assistant", "parts": _text_parts(_get(item, "content"))})
         elif _get(item, "type") == "function_call":

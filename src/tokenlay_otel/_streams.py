@@ -68,7 +68,7 @@ class _StreamState:
             call.mark_first_chunk()
         # Read fields from the model's __dict__: a missing attribute on a pydantic model
         # costs an exception, and this runs for every chunk.
-        fields = getattr(chunk, "__dict__", None) or {}
+        fields = chunk if isinstance(chunk, dict) else getattr(chunk, "__dict__", None) or {}
         event_type = fields.get("type")
         if isinstance(event_type, str):  # Responses API event
             if event_type in _STREAM_END_EVENTS:
@@ -81,7 +81,7 @@ class _StreamState:
         choices = fields.get("choices") or ()
         usage = fields.get("usage")
         if usage is not None:
-            self.usage = A.usage_of(usage)
+            self.usage = A.usage_of(usage) or self.usage
             hide = self.hide_usage and not choices
         fingerprint = fields.get("system_fingerprint")
         if fingerprint:
@@ -89,16 +89,19 @@ class _StreamState:
         tier = fields.get("service_tier")
         if tier:
             self.service_tier = tier
+        if not isinstance(choices, list | tuple):
+            return hide
         for choice in choices:
-            reason = choice.finish_reason
-            if reason:
-                self.reasons[choice.index] = reason
+            reason = A._get(choice, "finish_reason")
+            index = A._get(choice, "index")
+            index = index if isinstance(index, int) else 0
+            if isinstance(reason, str) and reason:
+                self.reasons[index] = reason
             if self.texts is not None:
-                delta = getattr(choice, "delta", None)
-                source, name = (delta, "content") if delta else (choice, "text")
-                text = getattr(source, name, None)
-                if text:
-                    self.texts.setdefault(choice.index, []).append(text)
+                delta = A._get(choice, "delta")
+                text = A._get(delta, "content") if delta else A._get(choice, "text")
+                if isinstance(text, str) and text:
+                    self.texts.setdefault(index, []).append(text)
         return hide
 
     def on_end(self, error: BaseException | None, result: object) -> None:
