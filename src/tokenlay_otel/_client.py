@@ -23,6 +23,7 @@ from ._wrappers import note_http_response, request_async, request_sync
 __all__ = ["AsyncTokenlayOpenAI", "TokenlayOpenAI"]
 
 _ROUTE_KWARG = "_tokenlay_route"
+_TELEMETRY_KWARG = "_tokenlay_telemetry"
 
 
 def _resolve(
@@ -99,14 +100,23 @@ class _TokenlayClient:
             fail_open=fail_open,
             kwargs=kwargs,
         )
+        # copy()/with_options() hand the parent's telemetry over: it is often called per
+        # request, and building telemetry reads the environment and the prices file.
+        telemetry: Telemetry | None = openai_kwargs.pop(_TELEMETRY_KWARG, None)
         cast(Any, super()).__init__(**openai_kwargs)
         self._tokenlay_route = route
         redact_openai_debug_logs()
-        self._tokenlay_telemetry = Telemetry.create(settings=Settings.from_env(routing=False))
+        self._tokenlay_telemetry = telemetry or Telemetry.create(
+            settings=Settings.from_env(routing=False)
+        )
 
     def copy(self, **kwargs: Any) -> Any:
         """Like ``openai``'s ``copy()``/``with_options()``, keeping the Tokenlay settings."""
-        extra = {**kwargs.pop("_extra_kwargs", {}), _ROUTE_KWARG: self._tokenlay_route}
+        extra = {
+            **kwargs.pop("_extra_kwargs", {}),
+            _ROUTE_KWARG: self._tokenlay_route,
+            _TELEMETRY_KWARG: self._tokenlay_telemetry,
+        }
         return cast(Any, super()).copy(_extra_kwargs=extra, **kwargs)
 
     with_options = copy

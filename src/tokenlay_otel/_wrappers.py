@@ -158,12 +158,9 @@ def _routed_headers(
 
 
 def _metadata_for(
-    client: Any, route: Route | None, caller_fields: Mapping[str, object]
+    client: Any, route: Route | None, per_request: Mapping[str, str]
 ) -> dict[str, str]:
-    """Attribution of a call, lowest precedence first. Raises only on a strict route."""
-    per_request = (
-        validate_metadata(caller_fields) if route and route.strict else _drop_bad(caller_fields)
-    )
+    """Attribution of a call, lowest precedence first (``per_request`` already valid)."""
     metadata: dict[str, str] = {}
     if route is not None:
         metadata.update(route.metadata)
@@ -194,10 +191,10 @@ def _start(
     route: Route | None,
     telemetry: Telemetry | None,
     options: Any,
-    caller_fields: Mapping[str, object],
+    per_request: Mapping[str, str],
     caller_rest: Mapping[str, object],
 ) -> tuple[Any, _Request]:
-    metadata = _metadata_for(client, route, caller_fields)
+    metadata = _metadata_for(client, route, per_request)
     url = options.url
     routed = route is not None and isinstance(url, str) and not url.startswith(_ABSOLUTE)
     body: Mapping[str, Any] = options.json_data if isinstance(options.json_data, Mapping) else {}
@@ -274,12 +271,14 @@ def _begin(
         caller_headers = options.headers if isinstance(options.headers, Mapping) else {}
         split = split_caller_headers(caller_headers, bare_fields=route is not None)
     if split is not None:
-        if route is not None and route.strict:
-            # Caller input on a drop-in client: a bad value is the caller's error to see,
-            # raised before anything is sent.
-            validate_metadata(split[0])
+        fields, rest = split
+        # Caller input on a drop-in client: a bad value is the caller's error to see,
+        # raised before anything is sent. Elsewhere bad fields are dropped (logged).
+        per_request = validate_metadata(fields) if route is not None and route.strict else None
         with guard("routing the call"):
-            new_options, request = _start(client, route, telemetry, options, *split)
+            if per_request is None:
+                per_request = _drop_bad(fields)
+            new_options, request = _start(client, route, telemetry, options, per_request, rest)
             if route is not None and route.fail_open and new_options is not options:
                 request.fallback = (args, kwargs)
             return (*_rebind(args, kwargs, new_options, in_kwargs), request)

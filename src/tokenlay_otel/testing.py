@@ -133,7 +133,8 @@ def _completion(model: str) -> dict[str, Any]:
     }
 
 
-def _response(model: str, text: str = "Hello from the fake server.") -> dict[str, Any]:
+def response_body(model: str, text: str = "Hello from the fake server.") -> dict[str, Any]:
+    """A deterministic Responses API ``response`` body."""
     return {
         "id": "resp_fake_1",
         "object": "response",
@@ -296,7 +297,7 @@ class FakeOpenAIServer:
                     if payload.get("stream"):
                         self._send_sse(self._response_events(model), named=True)
                     else:
-                        self._send_json(200, _response(model), {})
+                        self._send_json(200, response_body(model), {})
                 elif path.endswith("/models"):
                     self._send_json(200, {"object": "list", "data": []}, {})
                 else:
@@ -304,7 +305,7 @@ class FakeOpenAIServer:
 
             def _response_events(self, model: str) -> Iterator[dict[str, Any]]:
                 text = "".join(server.stream_words)
-                final = _response(model, text)
+                final = response_body(model, text)
                 started = {**final, "status": "in_progress", "output": [], "usage": None}
                 item = {**final["output"][0], "status": "in_progress", "content": []}
                 part = {"type": "output_text", "text": "", "annotations": []}

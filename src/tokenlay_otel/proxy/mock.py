@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx2
 
+from tokenlay_otel.testing import response_body
+
 __all__ = ["mock_transport"]
 
 _REPLIES = (
@@ -104,32 +106,13 @@ async def _chat_stream(body: dict[str, Any], model: str) -> AsyncIterator[bytes]
 def _responses(body: dict[str, Any], model: str) -> dict[str, Any]:
     text = _reply(body)
     prompt, completion = _prompt_tokens(body), _tokens(text)
-    return {
-        "id": "resp_mock",
-        "object": "response",
-        "created_at": int(time.time()),
-        "status": "completed",
-        "model": model,
-        "output": [
-            {
-                "type": "message",
-                "id": "msg_mock",
-                "status": "completed",
-                "role": "assistant",
-                "content": [{"type": "output_text", "text": text, "annotations": []}],
-            }
-        ],
-        "parallel_tool_calls": True,
-        "tool_choice": "auto",
-        "tools": [],
-        "usage": {
-            "input_tokens": prompt,
-            "output_tokens": completion,
-            "total_tokens": prompt + completion,
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens_details": {"reasoning_tokens": 0},
-        },
-    }
+    reply = response_body(model, text)
+    reply["id"], reply["created_at"] = "resp_mock", int(time.time())
+    reply["output"][0]["id"] = "msg_mock"
+    reply["usage"].update(
+        input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion
+    )
+    return reply
 
 
 def _embeddings(body: dict[str, Any], model: str) -> dict[str, Any]:
