@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from ._protocol import TokenlayResponseMetadata
@@ -144,9 +144,21 @@ def provider_attributes(base_url: str) -> Mapping[str, Any]:
 
 
 def _number(value: Any) -> float | int | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return value
+    kind = type(value)
+    return value if kind is int or kind is float else None
+
+
+# Request body key -> attribute, for plain numeric parameters.
+_REQUEST_NUMBERS = {
+    "temperature": "gen_ai.request.temperature",
+    "top_p": "gen_ai.request.top_p",
+    "frequency_penalty": "gen_ai.request.frequency_penalty",
+    "presence_penalty": "gen_ai.request.presence_penalty",
+    "seed": "gen_ai.request.seed",
+}
+# The first of these the body has is the token cap (newest spelling first).
+_MAX_TOKENS_KEYS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
+_OTHER_REQUEST_KEYS = frozenset((*_MAX_TOKENS_KEYS, "model", "n", "stop", "stream", "service_tier"))
 
 
 def request_attributes(body: Mapping[str, Any], endpoint: Endpoint) -> dict[str, Any]:
@@ -154,35 +166,36 @@ def request_attributes(body: Mapping[str, Any], endpoint: Endpoint) -> dict[str,
     attrs: dict[str, Any] = {OPERATION: endpoint.operation}
     if endpoint.api_type:
         attrs[API_TYPE] = endpoint.api_type
-    model = body.get("model")
+    # One pass over the (short) body rather than a lookup per known parameter.
+    others: dict[str, Any] = {}
+    for key, value in body.items():
+        name = _REQUEST_NUMBERS.get(key)
+        if name is not None:
+            if _number(value) is not None:
+                attrs[name] = value
+        elif key in _OTHER_REQUEST_KEYS:
+            others[key] = value
+    if not others:
+        return attrs
+    model = others.get("model")
     if isinstance(model, str):
         attrs[REQUEST_MODEL] = model
-    for key, name in (
-        ("temperature", "gen_ai.request.temperature"),
-        ("top_p", "gen_ai.request.top_p"),
-        ("frequency_penalty", "gen_ai.request.frequency_penalty"),
-        ("presence_penalty", "gen_ai.request.presence_penalty"),
-        ("seed", "gen_ai.request.seed"),
-    ):
-        value = _number(body.get(key))
-        if value is not None:
-            attrs[name] = value
-    for key in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
-        value = _number(body.get(key))
+    for key in _MAX_TOKENS_KEYS:
+        value = _number(others.get(key))
         if value is not None:
             attrs["gen_ai.request.max_tokens"] = value
             break
-    n = _number(body.get("n"))
+    n = _number(others.get("n"))
     if n is not None and n != 1:
         attrs["gen_ai.request.choice.count"] = n
-    stop = body.get("stop")
+    stop = others.get("stop")
     if isinstance(stop, str):
         attrs["gen_ai.request.stop_sequences"] = (stop,)
     elif isinstance(stop, list | tuple) and all(isinstance(s, str) for s in stop):
         attrs["gen_ai.request.stop_sequences"] = tuple(stop)
-    if body.get("stream") is True:
+    if others.get("stream") is True:
         attrs["gen_ai.request.stream"] = True
-    tier = body.get("service_tier")
+    tier = others.get("service_tier")
     if isinstance(tier, str) and tier != "auto":
         attrs[REQUEST_SERVICE_TIER] = tier
     return attrs
@@ -198,29 +211,39 @@ def metadata_attributes(metadata: Mapping[str, str]) -> dict[str, str]:
     return {metadata_attribute(k): v for k, v in metadata.items()}
 
 
-_MISSING = object()
+_NOTHING: Mapping[str, Any] = MappingProxyType({})
+
+
+def fields_of(obj: Any) -> Mapping[str, Any]:
+    """The fields of a parsed openai model or of a plain dict, as one mapping to read.
+
+    A pydantic model keeps its fields in ``__dict__`` and unknown ones (``usage.cost``
+    from a proxy) in ``__pydantic_extra__``; reading them there avoids ``getattr``,
+    which costs an exception per missing field. Anything else is read attribute by
+    attribute through :func:`_get`.
+    """
+    if type(obj) is dict:
+        return obj
+    fields = getattr(obj, "__dict__", None)
+    if type(fields) is dict and not isinstance(obj, Mapping):
+        extra = getattr(obj, "__pydantic_extra__", None)
+        return {**extra, **fields} if extra else fields
+    if isinstance(obj, Mapping):
+        return obj
+    return _NOTHING
 
 
 def _get(obj: Any, key: str) -> Any:
-    """Field of a parsed openai model or of a plain dict (raw JSON, stream events).
-
-    Reads the model's ``__dict__`` (and pydantic's extra fields) rather than calling
-    ``getattr``: a missing attribute on a pydantic model costs an exception.
-    """
-    if isinstance(obj, Mapping):
-        return obj.get(key)
-    fields = getattr(obj, "__dict__", None)
-    if fields is None:
+    """One field of a parsed openai model or of a plain dict (raw JSON, stream events)."""
+    if obj is None:
+        return None
+    found = fields_of(obj)
+    if found is _NOTHING:
         return getattr(obj, key, None)
-    value = fields.get(key, _MISSING)
-    if value is not _MISSING:
-        return value
-    extra = getattr(obj, "__pydantic_extra__", None)
-    return extra.get(key) if extra else None
+    return found.get(key)
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
     """Token counts of one call, whichever API shape they came in."""
 
     input_tokens: int | None = None
@@ -232,59 +255,75 @@ class Usage:
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if type(value) is int else None
 
 
 def usage_of(usage: Any) -> Usage | None:
     """Normalise chat/completions (``prompt_tokens``) and responses (``input_tokens``)."""
     if usage is None:
         return None
-    input_tokens = _int(_get(usage, "input_tokens"))
+    fields = fields_of(usage)
+    if fields is _NOTHING:
+        fields = {
+            key: getattr(usage, key, None)
+            for key in (
+                "input_tokens",
+                "prompt_tokens",
+                "output_tokens",
+                "completion_tokens",
+                "input_tokens_details",
+                "prompt_tokens_details",
+                "output_tokens_details",
+                "completion_tokens_details",
+                "cost",
+            )
+        }
+    input_tokens = _int(fields.get("input_tokens"))
     if input_tokens is None:
-        input_tokens = _int(_get(usage, "prompt_tokens"))
-    output_tokens = _int(_get(usage, "output_tokens"))
+        input_tokens = _int(fields.get("prompt_tokens"))
+    output_tokens = _int(fields.get("output_tokens"))
     if output_tokens is None:
-        output_tokens = _int(_get(usage, "completion_tokens"))
-    in_details = _get(usage, "input_tokens_details") or _get(usage, "prompt_tokens_details")
-    out_details = _get(usage, "output_tokens_details") or _get(usage, "completion_tokens_details")
-    cost_value = _number(_get(usage, "cost"))
+        output_tokens = _int(fields.get("completion_tokens"))
+    in_details = fields.get("input_tokens_details") or fields.get("prompt_tokens_details")
+    out_details = fields.get("output_tokens_details") or fields.get("completion_tokens_details")
+    cost_value = _number(fields.get("cost"))
     return Usage(
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        cached_input_tokens=_int(_get(in_details, "cached_tokens")) if in_details else None,
-        reasoning_tokens=_int(_get(out_details, "reasoning_tokens")) if out_details else None,
-        cost=float(cost_value) if cost_value is not None and cost_value >= 0 else None,
+        input_tokens,
+        output_tokens,
+        _int(_get(in_details, "cached_tokens")) if in_details else None,
+        _int(_get(out_details, "reasoning_tokens")) if out_details else None,
+        float(cost_value) if cost_value is not None and cost_value >= 0 else None,
     )
 
 
 def usage_attributes(usage: Usage) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
-    for name, value in (
-        (INPUT_TOKENS, usage.input_tokens),
-        (OUTPUT_TOKENS, usage.output_tokens),
-        (CACHED_INPUT_TOKENS, usage.cached_input_tokens),
-        (REASONING_TOKENS, usage.reasoning_tokens),
-    ):
-        if value is not None:
-            attrs[name] = value
+    if usage.input_tokens is not None:
+        attrs[INPUT_TOKENS] = usage.input_tokens
+    if usage.output_tokens is not None:
+        attrs[OUTPUT_TOKENS] = usage.output_tokens
+    if usage.cached_input_tokens is not None:
+        attrs[CACHED_INPUT_TOKENS] = usage.cached_input_tokens
+    if usage.reasoning_tokens is not None:
+        attrs[REASONING_TOKENS] = usage.reasoning_tokens
     return attrs
 
 
-def _finish_reasons(response: Any) -> tuple[str, ...] | None:
-    choices = _get(response, "choices")
+def _finish_reasons(response: Mapping[str, Any]) -> tuple[str, ...] | None:
+    choices = response.get("choices")
     if isinstance(choices, list):
         reasons = [_get(c, "finish_reason") for c in choices]
         found = tuple(r for r in reasons if isinstance(r, str))
         return found or None
-    status = _get(response, "status")
+    status = response.get("status")
     if not isinstance(status, str):
         return None
     # Responses API: a status, not per-choice reasons.
     if status == "incomplete":
-        reason = _get(_get(response, "incomplete_details"), "reason")
+        reason = _get(response.get("incomplete_details"), "reason")
         return (reason if isinstance(reason, str) else "incomplete",)
     if status == "completed":
-        output = _get(response, "output")
+        output = response.get("output")
         if isinstance(output, list) and any(_get(o, "type") == "function_call" for o in output):
             return ("tool_calls",)
         return ("stop",)
@@ -293,23 +332,38 @@ def _finish_reasons(response: Any) -> tuple[str, ...] | None:
 
 def response_attributes(response: Any) -> dict[str, Any]:
     """Attributes of a complete response (parsed model or the raw JSON dict)."""
+    fields = fields_of(response)
+    if fields is _NOTHING:
+        fields = {key: getattr(response, key, None) for key in _RESPONSE_FIELDS}
     attrs: dict[str, Any] = {}
-    response_id = _get(response, "id")
+    response_id = fields.get("id")
     if isinstance(response_id, str):
         attrs[RESPONSE_ID] = response_id
-    model = _get(response, "model")
+    model = fields.get("model")
     if isinstance(model, str):
         attrs[RESPONSE_MODEL] = model
-    reasons = _finish_reasons(response)
+    reasons = _finish_reasons(fields)
     if reasons:
         attrs[FINISH_REASONS] = reasons
-    tier = _get(response, "service_tier")
+    tier = fields.get("service_tier")
     if isinstance(tier, str):
         attrs[RESPONSE_SERVICE_TIER] = tier
-    fingerprint = _get(response, "system_fingerprint")
+    fingerprint = fields.get("system_fingerprint")
     if isinstance(fingerprint, str):
         attrs[SYSTEM_FINGERPRINT] = fingerprint
     return attrs
+
+
+_RESPONSE_FIELDS = (
+    "id",
+    "model",
+    "choices",
+    "status",
+    "incomplete_details",
+    "output",
+    "service_tier",
+    "system_fingerprint",
+)
 
 
 _DATED = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4}|\d{8})$")

@@ -55,7 +55,7 @@ class ValueCap:
         return value if value in self._seen else OTHER
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~2 us more to build
 class CallMeasurements:
     """What one finished call measured, for the metric instruments."""
 

@@ -356,6 +356,10 @@ def _parse_action(header: str, value: str) -> RuleAction | None:
     return None
 
 
+_RAW_PREFIX = HEADER_PREFIX.encode()
+_PREFIX_LENGTH = len(_RAW_PREFIX)
+
+
 def parse_response_headers(headers: Mapping[str, str]) -> TokenlayResponseMetadata | None:
     """Parse the proxy's ``x-tokenlay-*`` response headers; never raises.
 
@@ -367,11 +371,20 @@ def parse_response_headers(headers: Mapping[str, str]) -> TokenlayResponseMetada
     """
     values: dict[str, str] = {}
     try:
-        for name, value in headers.items():
-            if isinstance(name, str) and isinstance(value, str):
-                lowered = name.lower()
-                if lowered.startswith(HEADER_PREFIX):
-                    values[lowered] = value
+        raw = getattr(headers, "raw", None)
+        if isinstance(raw, list):
+            # httpx/starlette headers: scan the raw bytes and decode only our few, rather
+            # than having every header of every response decoded.
+            for raw_name, raw_value in raw:
+                if raw_name[:_PREFIX_LENGTH].lower() == _RAW_PREFIX:
+                    name = raw_name.decode("latin-1").lower()
+                    values[name] = raw_value.decode("utf-8", "replace")
+        else:
+            for name, value in headers.items():
+                if isinstance(name, str) and isinstance(value, str):
+                    lowered = name.lower()
+                    if lowered.startswith(HEADER_PREFIX):
+                        values[lowered] = value
     except Exception:  # a foreign mapping may fail while iterating; treat as no headers
         _log.debug("could not read response headers", exc_info=True)
         return None

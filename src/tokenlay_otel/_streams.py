@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import weakref
+from collections.abc import Iterator
 from typing import Any, cast
 
 import openai
@@ -68,7 +69,9 @@ class _StreamState:
             call.mark_first_chunk()
         # Read fields from the model's __dict__: a missing attribute on a pydantic model
         # costs an exception, and this runs for every chunk.
-        fields = chunk if isinstance(chunk, dict) else getattr(chunk, "__dict__", None) or {}
+        fields = chunk if type(chunk) is dict else getattr(chunk, "__dict__", None)
+        if type(fields) is not dict:
+            fields = A.fields_of(chunk)
         event_type = fields.get("type")
         if isinstance(event_type, str):  # Responses API event
             if event_type in _STREAM_END_EVENTS:
@@ -77,32 +80,39 @@ class _StreamState:
         if self.response_id is None:
             self.response_id = fields.get("id")
             self.model = fields.get("model")
-        hide = False
-        choices = fields.get("choices") or ()
+            self.fingerprint = fields.get("system_fingerprint") or self.fingerprint
+            self.service_tier = fields.get("service_tier") or self.service_tier
+        choices = fields.get("choices")
         usage = fields.get("usage")
         if usage is not None:
+            # The usage chunk comes last: its fingerprint and tier are the final ones.
             self.usage = A.usage_of(usage) or self.usage
-            hide = self.hide_usage and not choices
-        fingerprint = fields.get("system_fingerprint")
-        if fingerprint:
-            self.fingerprint = fingerprint
-        tier = fields.get("service_tier")
-        if tier:
-            self.service_tier = tier
-        if not isinstance(choices, list | tuple):
-            return hide
+            self.fingerprint = fields.get("system_fingerprint") or self.fingerprint
+            self.service_tier = fields.get("service_tier") or self.service_tier
+            if self.hide_usage and not choices:
+                return True
+        if not choices or not isinstance(choices, list | tuple):
+            return False
+        texts = self.texts
         for choice in choices:
-            reason = A._get(choice, "finish_reason")
-            index = A._get(choice, "index")
-            index = index if isinstance(index, int) else 0
+            found = choice if type(choice) is dict else getattr(choice, "__dict__", None)
+            if type(found) is not dict:
+                found = A.fields_of(choice)
+            reason = found.get("finish_reason")
+            if reason is None and texts is None:
+                continue  # the common chunk: a delta, nothing to record
+            index = found.get("index")
+            index = index if type(index) is int else 0
             if isinstance(reason, str) and reason:
                 self.reasons[index] = reason
-            if self.texts is not None:
-                delta = A._get(choice, "delta")
-                text = A._get(delta, "content") if delta else A._get(choice, "text")
+                self.fingerprint = fields.get("system_fingerprint") or self.fingerprint
+                self.service_tier = fields.get("service_tier") or self.service_tier
+            if texts is not None:
+                delta = found.get("delta")
+                text = A._get(delta, "content") if delta else found.get("text")
                 if isinstance(text, str) and text:
-                    self.texts.setdefault(index, []).append(text)
-        return hide
+                    texts.setdefault(index, []).append(text)
+        return False
 
     def on_end(self, error: BaseException | None, result: object) -> None:
         """The stream is over (exhausted, failed, closed or abandoned)."""
@@ -177,6 +187,31 @@ def _abandoned(state: _StreamState, stream: Any, sync: bool) -> None:
             stream.close()
 
 
+def _traced_chunks(chunks: Iterator[Any], state: _StreamState, proxy: object) -> Iterator[Any]:
+    """The stream's chunks, accounted for; ends the call when they run out or fail.
+
+    A generator rather than a ``__next__`` method: resuming it costs less per chunk
+    than a Python-level call. It holds the proxy (which must not hold it back): a loop
+    keeps the proxy alive, and a dropped loop lets it be collected and its span ended.
+    """
+    on_chunk = state.on_chunk
+    try:
+        for chunk in chunks:
+            try:
+                hide = on_chunk(chunk)
+            except Exception:
+                internal_error("reading a stream chunk")
+                hide = False
+            if not hide:
+                yield chunk
+    except GeneratorExit:  # the loop was left early; the proxy's finalizer ends the call
+        raise
+    except BaseException as exc:
+        _end(state, exc, proxy)
+        raise
+    _end(state, None, proxy)
+
+
 class TracedStream(wrapt.ObjectProxy):  # type: ignore[type-arg,misc]  # generic only in wrapt 2
     """``openai.Stream`` that records its chunks and ends the span."""
 
@@ -185,8 +220,10 @@ class TracedStream(wrapt.ObjectProxy):  # type: ignore[type-arg,misc]  # generic
         self._self_state = state
         weakref.finalize(self, _abandoned, state, wrapped, True)
 
-    def __iter__(self) -> TracedStream:
-        return self
+    def __iter__(self) -> Iterator[Any]:
+        # openai's Stream.__iter__ reads one shared iterator, so a second loop (or a mix
+        # with next()) continues where the first stopped, as without us.
+        return _traced_chunks(iter(self.__wrapped__), self._self_state, self)
 
     def __next__(self) -> Any:
         state = self._self_state

@@ -69,6 +69,7 @@ class LLMCall:
     """One LLM operation: its span, attribution and what the proxy said."""
 
     __slots__ = (
+        "_context",
         "_context_token",
         "_ended",
         "_start",
@@ -106,6 +107,7 @@ class LLMCall:
         self.http_response: Any = None
         self.first_chunk_at: float | None = None
         self.bypassed = False
+        self._context: otel_context.Context | None = None
         self._context_token: object = None
         self._ended = False
         self._start = 0.0
@@ -133,7 +135,9 @@ class LLMCall:
         name = f"{self.endpoint.operation} {model}" if model else self.endpoint.operation
         self._start = time.perf_counter()
         self.span = self.telemetry.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attrs)
-        self._context_token = otel_context.attach(trace.set_span_in_context(self.span))
+        # Kept for the metric records too: they carry it so exemplars link to the span.
+        self._context = trace.set_span_in_context(self.span)
+        self._context_token = otel_context.attach(self._context)
 
     def trace_headers(self) -> dict[str, str]:
         """``traceparent``/``baggage`` of the span, for the proxy to join the trace."""
@@ -260,7 +264,7 @@ class LLMCall:
                 model_shifted=bool(shifted),
                 bypassed=self.bypassed,
             ),
-            trace.set_span_in_context(span),
+            self._context,
         )
 
     def _cost(

@@ -121,11 +121,28 @@ def _drop_bad(fields: Mapping[str, object]) -> dict[str, str]:
     return valid
 
 
-def _client_header_fields(client: Any) -> dict[str, object]:
-    """``x-tokenlay-*`` fields an ``openai`` client carries in its own default headers."""
-    custom = getattr(client, "_custom_headers", None) or {}
-    fields, _ = split_caller_headers(custom, bare_fields=False)
-    return fields
+# id(client) -> (its base URL object, its default-headers dict, what we derive from them).
+# The derived values depend only on those two objects, which the entry keeps alive, so a
+# new client that reuses an id is told apart by them. Bounded: cleared when full.
+_CLIENT_FACTS: dict[int, tuple[object, object, str, dict[str, str]]] = {}
+_CLIENT_FACTS_LIMIT = 256
+
+
+def _client_facts(client: Any) -> tuple[str, dict[str, str]]:
+    """A client's base URL as text and the valid ``x-tokenlay-*`` fields of its default
+    headers; computed once per client (both are fixed when the client is built)."""
+    url = getattr(client, "_base_url", None)
+    custom = getattr(client, "_custom_headers", None)
+    entry = _CLIENT_FACTS.get(id(client))
+    if entry is not None and entry[0] is url and entry[1] is custom:
+        return entry[2], entry[3]
+    base = str(client.base_url).rstrip("/")
+    fields, _ = split_caller_headers(custom or {}, bare_fields=False)
+    valid = _drop_bad(fields) if fields else {}
+    if len(_CLIENT_FACTS) >= _CLIENT_FACTS_LIMIT:
+        _CLIENT_FACTS.clear()
+    _CLIENT_FACTS[id(client)] = (url, custom, base, valid)
+    return base, valid
 
 
 def _routed_headers(
@@ -135,7 +152,7 @@ def _routed_headers(
     metadata: Mapping[str, str],
 ) -> dict[str, object]:
     provider_key = route.provider_key if route.provider_key is not None else client.api_key
-    provider_base = route.provider_base or str(client.base_url).rstrip("/")
+    provider_base = route.provider_base or _client_facts(client)[0]
     ours = build_request_headers(
         tokenlay_key=route.tokenlay_key,
         provider_key=provider_key,
@@ -158,20 +175,39 @@ def _routed_headers(
 
 
 def _metadata_for(
-    client: Any, route: Route | None, per_request: Mapping[str, str]
-) -> dict[str, str]:
-    """Attribution of a call, lowest precedence first (``per_request`` already valid)."""
+    client_fields: Mapping[str, str], route: Route | None, per_request: Mapping[str, str]
+) -> Mapping[str, str]:
+    """Attribution of a call, lowest precedence first (all inputs already valid)."""
+    scoped = current_metadata()
+    if route is None and not client_fields and not per_request and None not in scoped.values():
+        return scoped  # the common case: only metadata() scopes; read-only already
     metadata: dict[str, str] = {}
     if route is not None:
         metadata.update(route.metadata)
-    metadata.update(_drop_bad(_client_header_fields(client)))
-    for field, value in current_metadata().items():
+    metadata.update(client_fields)
+    for field, value in scoped.items():
         if value is None:
             metadata.pop(field, None)
         else:
             metadata[field] = value
     metadata.update(per_request)
     return metadata
+
+
+_ENDPOINTS: dict[tuple[str, str], Endpoint | None] = {}
+
+
+def _endpoint(method: str, url: str) -> Endpoint | None:
+    """:func:`endpoint_for`, remembered: a process calls a handful of paths."""
+    key = (method, url)
+    try:
+        return _ENDPOINTS[key]
+    except KeyError:
+        pass
+    found = endpoint_for(method, url)
+    if len(_ENDPOINTS) < 1024:  # absolute URLs with query strings could be unbounded
+        _ENDPOINTS[key] = found
+    return found
 
 
 def _wants_usage_chunk(
@@ -194,12 +230,14 @@ def _start(
     per_request: Mapping[str, str],
     caller_rest: Mapping[str, object],
 ) -> tuple[Any, _Request]:
-    metadata = _metadata_for(client, route, per_request)
+    client_base, client_fields = _client_facts(client)
+    metadata = _metadata_for(client_fields, route, per_request)
     url = options.url
     routed = route is not None and isinstance(url, str) and not url.startswith(_ABSOLUTE)
-    body: Mapping[str, Any] = options.json_data if isinstance(options.json_data, Mapping) else {}
-    endpoint = endpoint_for(options.method, url) if telemetry and isinstance(url, str) else None
-    provider_base = (route.provider_base if route else None) or str(client.base_url).rstrip("/")
+    json_data = options.json_data
+    body: Mapping[str, Any] = json_data if isinstance(json_data, Mapping) else {}
+    endpoint = _endpoint(options.method, url) if telemetry and isinstance(url, str) else None
+    provider_base = (route.provider_base if route else None) or client_base
 
     llm = _start_span(telemetry, endpoint, body, metadata, provider_base, routed=routed)
     provider = llm.provider[PROVIDER] if llm else ""
