@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, cast
 
 from openai import APIConnectionError, Omit
 
@@ -180,7 +180,7 @@ def _metadata_for(
     """Attribution of a call, lowest precedence first (all inputs already valid)."""
     scoped = current_metadata()
     if route is None and not client_fields and not per_request and None not in scoped.values():
-        return scoped  # the common case: only metadata() scopes; read-only already
+        return cast(Mapping[str, str], scoped)  # the common case: no None left; read-only
     metadata: dict[str, str] = {}
     if route is not None:
         metadata.update(route.metadata)
