@@ -492,6 +492,54 @@ def summary(row: Row) -> dict[str, Any]:
     return out
 
 
+def own_code_us() -> dict[str, float]:
+    """tokenlay-otel's own Python per call, the SDK left out (no-op providers): the
+    choke point around a ``request`` that returns a parsed completion at once. Stable
+    to a microsecond or two, where the end-to-end figures above move by tens."""
+    from openai._models import FinalRequestOptions, construct_type
+    from openai.types.chat import ChatCompletion
+    from opentelemetry.metrics import NoOpMeterProvider
+    from opentelemetry.trace import NoOpTracerProvider
+
+    from tokenlay_otel._telemetry import Telemetry as Recorder
+    from tokenlay_otel._wrappers import note_http_response, request_sync
+
+    recorder = Recorder.create(
+        settings=Settings(),
+        tracer_provider=NoOpTracerProvider(),
+        meter_provider=NoOpMeterProvider(),
+    )
+    client = openai.OpenAI(api_key="sk-bench", base_url="https://api.openai.com/v1")
+    completion = construct_type(type_=ChatCompletion, value=chat_completion(MODEL))
+    response = httpx.Response(200, headers=OPENAI_HEADERS)
+    body = {"model": MODEL, "messages": MESSAGES}
+    options = FinalRequestOptions.construct(method="post", url="/chat/completions", json_data=body)
+    args = (ChatCompletion, options)
+    kwargs = {"stream": False, "stream_cls": None}
+
+    def request(*a: Any, **k: Any) -> Any:
+        note_http_response(response)
+        return completion
+
+    def bare() -> None:
+        request(*args, **kwargs)
+
+    def traced() -> None:
+        request_sync(request, client, args, kwargs, route=None, telemetry=recorder)
+
+    def best(fn: Callable[[], None]) -> float:
+        runs = []
+        for _ in range(9):
+            start = time.perf_counter()
+            for _ in range(5000):
+                fn()
+            runs.append((time.perf_counter() - start) / 5000)
+        return min(runs) * 1e6
+
+    with metadata(user="user-1", org="org-1"):
+        return {"chat, no-op SDK": best(traced) - best(bare)}
+
+
 def startup_ms() -> dict[str, float]:
     code = (
         "import time, openai\n"
@@ -603,7 +651,10 @@ def main() -> int:
             print_table(results)
             out["results"] = results
             out["startup_ms"] = startup_ms()
+            out["own_code_us"] = own_code_us()
             print()
+            for label, us in out["own_code_us"].items():
+                print(f"{'own code per call (' + label + ')':<40} {us:7.1f} us")
             for label, ms in out["startup_ms"].items():
                 print(f"{label:<40} {ms:7.1f} ms")
     if args.json:

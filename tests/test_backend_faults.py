@@ -114,5 +114,8 @@ def test_calls_are_unaffected_and_memory_bounded(
     print(f"backend {mode}: slowest call {slowest * 1000:.1f} ms, objects {first} -> {second}")
     # No call waited for the backend (the slow one takes 2 s per export).
     assert slowest < 1.0, slowest
-    # Spans beyond the queue's 256 are dropped, not piled up: no growth between rounds.
-    assert second - first < 1_000, (first, second)
+    # Spans beyond the queue's 256 are dropped, not piled up. The queue itself holds 0 to
+    # 256 spans (~10 GC-tracked objects each) at either snapshot, depending on where the
+    # exporter's retries are, so the count may move by ~2,600 between rounds; spans
+    # piling up would add ~10 objects per call, 10,000 per round.
+    assert second - first < 4_000, (first, second)

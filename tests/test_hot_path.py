@@ -1,0 +1,115 @@
+"""What the per-call shortcuts must not change: caches follow the client, streams
+behave as openai's, the guard keeps its rules, headers parse as before."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import openai
+import pytest
+
+from tokenlay_otel import metadata
+from tokenlay_otel._protocol import parse_response_headers
+from tokenlay_otel._safety import ENV_RAISE_INTERNAL, guard
+
+from .conftest import SpanCapture
+from .inprocess import httpx, sync_client
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def test_a_changed_base_url_and_new_clients_are_seen(instrument, telemetry: SpanCapture) -> None:
+    instrument()
+    client = sync_client()
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    client.base_url = "https://api.mistral.ai/v1"  # type: ignore[assignment]
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    other = sync_client().with_options(default_headers={"x-tokenlay-feature": "search"})
+    other.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    first, second, third = telemetry.spans()
+    assert first.attributes["server.address"] == "api.openai.com"
+    assert second.attributes["server.address"] == "api.mistral.ai"
+    assert second.attributes["gen_ai.provider.name"] == "mistral_ai"
+    assert "tokenlay.metadata.feature" not in first.attributes
+    assert third.attributes["tokenlay.feature"] == "search"
+
+
+def test_scoped_metadata_that_removes_a_field(instrument, telemetry: SpanCapture) -> None:
+    instrument()
+    client = sync_client().with_options(default_headers={"x-tokenlay-org": "from-client"})
+    with metadata(user="u1", org=None):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    with metadata(user="u2"):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    first, second = telemetry.spans()
+    assert first.attributes["tokenlay.user"] == "u1"
+    assert "tokenlay.org" not in first.attributes
+    assert second.attributes["tokenlay.org"] == "from-client"
+
+
+def _stream(client: openai.OpenAI) -> Any:
+    return client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+
+
+def test_next_then_a_loop_continue_one_stream(instrument, telemetry: SpanCapture) -> None:
+    instrument()
+    client = sync_client()
+    stream = _stream(client)
+    first = next(stream)
+    rest = list(stream)
+    # The in-process server sends a, b, c, a finish chunk, then the usage chunk we asked
+    # for (hidden from the caller).
+    assert [c.choices[0].delta.content for c in [first, *rest]] == ["a", "b", "c", None]
+    span = telemetry.spans()[0]
+    assert span.attributes["gen_ai.usage.output_tokens"] == 3 + len("hi") % 7
+    assert span.attributes["gen_ai.response.finish_reasons"] == ("stop",)
+
+
+def test_a_loop_left_early_ends_the_span_when_dropped(instrument, telemetry: SpanCapture) -> None:
+    instrument()
+    stream = _stream(sync_client())
+    for _ in stream:
+        break
+    assert telemetry.spans() == []  # the caller still holds the stream
+    del stream
+    (span,) = telemetry.spans()  # no gc.collect(): reference counting ends it
+    assert span.attributes["gen_ai.operation.name"] == "chat"
+
+
+def test_a_second_loop_after_the_end_yields_nothing(instrument, telemetry: SpanCapture) -> None:
+    instrument()
+    stream = _stream(sync_client())
+    assert len(list(stream)) == 4
+    assert list(stream) == []
+    assert len(telemetry.spans()) == 1
+
+
+def test_guard_keeps_its_rules(monkeypatch: pytest.MonkeyPatch, caplog: Any) -> None:
+    monkeypatch.setenv(ENV_RAISE_INTERNAL, "0")
+    with caplog.at_level(logging.DEBUG, logger="tokenlay_otel"), guard("testing"):
+        raise ValueError("ours")
+    assert "internal error in testing" in caplog.text
+    with pytest.raises(KeyboardInterrupt), guard("testing"):
+        raise KeyboardInterrupt
+    monkeypatch.setenv(ENV_RAISE_INTERNAL, "1")
+    with pytest.raises(ValueError, match="ours"), guard("testing"):
+        raise ValueError("ours")
+
+
+def test_raw_header_scan_matches_the_mapping_path() -> None:
+    pairs = {
+        "Content-Type": "application/json",
+        "X-Tokenlay-Cost": "0.25",
+        "x-tokenlay-rule-action": "WARN",
+        "X-TOKENLAY-WARNINGS": '["80% of org budget"]',
+        "x-tokenlay-model": "gpt-4o-mini",
+        "x-request-id": "req_1",
+    }
+    from_httpx = parse_response_headers(httpx.Headers(pairs))
+    assert from_httpx is not None
+    assert from_httpx == parse_response_headers(dict(pairs))
+    assert from_httpx.cost == 0.25
+    assert from_httpx.rule_action == "warn"
+    assert from_httpx.warnings == ("80% of org budget",)
+    assert parse_response_headers(httpx.Headers({"content-type": "x"})) is None
