@@ -712,6 +712,9 @@ def isolated_chunk_us(chunks: int) -> tuple[float, float]:
         def __iter__(self) -> Iterator[Any]:
             return self.chunks
 
+        def __next__(self) -> Any:
+            return next(self.chunks)
+
         def close(self) -> None:
             pass
 
