@@ -232,7 +232,8 @@ class _OpenAISnapshot:
         fixed = []
         for cls, saved in self.saved.items():
             for name, value in list(vars(cls).items()):
-                if name in saved and saved[name] is not value:
+                # Only wrappers: pydantic sets other class attributes lazily on first use.
+                if name in saved and saved[name] is not value and hasattr(value, "__wrapped__"):
                     setattr(cls, name, saved[name])
                     fixed.append(f"{cls.__qualname__}.{name}")
         return sorted(set(fixed))
