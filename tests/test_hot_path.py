@@ -4,7 +4,7 @@ behave as openai's, the guard keeps its rules, headers parse as before."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import openai
 import pytest
@@ -113,3 +113,30 @@ def test_raw_header_scan_matches_the_mapping_path() -> None:
     assert from_httpx.rule_action == "warn"
     assert from_httpx.warnings == ("80% of org budget",)
     assert parse_response_headers(httpx.Headers({"content-type": "x"})) is None
+
+
+class _Float(float):  # what numpy.float64 is to Python
+    pass
+
+
+def test_numeric_subclasses_still_count() -> None:
+    from tokenlay_otel._attributes import endpoint_for, request_attributes, usage_of
+
+    endpoint = endpoint_for("POST", "/chat/completions")
+    assert endpoint is not None
+    attrs = request_attributes({"model": "m", "temperature": _Float(0.5), "top_p": True}, endpoint)
+    assert attrs["gen_ai.request.temperature"] == 0.5
+    assert "gen_ai.request.top_p" not in attrs  # a bool is not a number here
+    usage = usage_of({"prompt_tokens": 3, "completion_tokens": True})
+    assert usage is not None
+    assert (usage.input_tokens, usage.output_tokens) == (3, None)
+
+
+class _TextRaw(dict[str, str]):  # a mapping whose `raw` is not httpx's bytes pairs
+    raw: ClassVar[list[tuple[str, str]]] = [("x-tokenlay-cost", "1")]
+
+
+def test_a_foreign_raw_attribute_falls_back_to_items() -> None:
+    meta = parse_response_headers(_TextRaw({"x-tokenlay-cost": "0.5"}))
+    assert meta is not None
+    assert meta.cost == 0.5

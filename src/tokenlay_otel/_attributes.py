@@ -145,7 +145,11 @@ def provider_attributes(base_url: str) -> Mapping[str, Any]:
 
 def _number(value: Any) -> float | int | None:
     kind = type(value)
-    return value if kind is int or kind is float else None
+    if kind is int or kind is float:  # the common case, without isinstance
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value  # a subclass, e.g. numpy.float64
 
 
 # Request body key -> attribute, for plain numeric parameters.
@@ -255,7 +259,9 @@ class Usage(NamedTuple):
 
 
 def _int(value: Any) -> int | None:
-    return value if type(value) is int else None
+    if type(value) is int:
+        return value
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def usage_of(usage: Any) -> Usage | None:

@@ -372,7 +372,7 @@ def parse_response_headers(headers: Mapping[str, str]) -> TokenlayResponseMetada
     values: dict[str, str] = {}
     try:
         raw = getattr(headers, "raw", None)
-        if isinstance(raw, list):
+        if isinstance(raw, list) and all(type(pair[0]) is bytes for pair in raw[:1]):
             # httpx/starlette headers: scan the raw bytes and decode only our few, rather
             # than having every header of every response decoded.
             for raw_name, raw_value in raw:

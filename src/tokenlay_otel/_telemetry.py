@@ -81,6 +81,7 @@ class LLMCall:
         "metadata",
         "provider",
         "provider_base",
+        "request_model",
         "routed",
         "span",
         "telemetry",
@@ -103,6 +104,8 @@ class LLMCall:
         self.routed = routed
         self.provider = A.provider_attributes(provider_base)
         self.provider_base = provider_base
+        model = body.get("model")
+        self.request_model: str | None = model if isinstance(model, str) else None
         self.span: Span | None = None
         self.http_response: Any = None
         self.first_chunk_at: float | None = None
@@ -115,11 +118,6 @@ class LLMCall:
     @property
     def ended(self) -> bool:
         return self._ended or self.span is None
-
-    @property
-    def request_model(self) -> str | None:
-        model = self.body.get("model")
-        return model if isinstance(model, str) else None
 
     def start(self) -> None:
         """Start the span and make it current for the HTTP request."""
@@ -242,8 +240,9 @@ class LLMCall:
             A.OPERATION: self.endpoint.operation,
             A.PROVIDER: self.provider[A.PROVIDER],
         }
-        if self.request_model:
-            metric_attrs[A.REQUEST_MODEL] = self.request_model
+        request_model = self.request_model
+        if request_model:
+            metric_attrs[A.REQUEST_MODEL] = request_model
         if isinstance(used_model, str):
             metric_attrs[A.RESPONSE_MODEL] = used_model
         if error_type is not None:
