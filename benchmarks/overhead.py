@@ -493,6 +493,18 @@ def summary(row: Row) -> dict[str, Any]:
     return out
 
 
+def tight_loop_us(fn: Callable[[], None], repeats: int) -> float:
+    """Microseconds per ``fn()``: the fastest of 9 runs of ``repeats`` calls (the run
+    least disturbed by the rest of the machine)."""
+    runs = []
+    for _ in range(9):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        runs.append((time.perf_counter() - start) / repeats)
+    return min(runs) * 1e6
+
+
 def own_code_us() -> dict[str, float]:
     """tokenlay-otel's own Python per call, the SDK left out (no-op providers): the
     choke point around a ``request`` that returns a parsed completion at once. Stable
@@ -528,17 +540,8 @@ def own_code_us() -> dict[str, float]:
     def traced() -> None:
         request_sync(request, client, args, kwargs, route=None, telemetry=recorder)
 
-    def best(fn: Callable[[], None]) -> float:
-        runs = []
-        for _ in range(9):
-            start = time.perf_counter()
-            for _ in range(5000):
-                fn()
-            runs.append((time.perf_counter() - start) / 5000)
-        return min(runs) * 1e6
-
     with metadata(user="user-1", org="org-1"):
-        return {"chat, no-op SDK": best(traced) - best(bare)}
+        return {"chat, no-op SDK": tight_loop_us(traced, 5000) - tight_loop_us(bare, 5000)}
 
 
 def startup_ms() -> dict[str, float]:
@@ -733,17 +736,8 @@ def isolated_chunk_us(chunks: int) -> tuple[float, float]:
         for _ in TracedStream(Source(), _StreamState(call, hide_usage=True)):
             pass
 
-    def best(fn: Callable[[], None]) -> float:
-        repeats = max(3, 20_000 // chunks)
-        runs = []
-        for _ in range(9):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                fn()
-            runs.append((time.perf_counter() - start) / repeats)
-        return statistics.median(runs) * 1e6
-
-    total = best(traced) - best(bare)
+    repeats = max(3, 20_000 // chunks)
+    total = tight_loop_us(traced, repeats) - tight_loop_us(bare, repeats)
     return total / chunks, total
 
 

@@ -81,8 +81,11 @@ _COMPLETIONS = Endpoint("text_completion", None, True)
 _EMBEDDINGS = Endpoint("embeddings", None, False)
 
 
+@functools.lru_cache(maxsize=1024)
 def endpoint_for(method: str, path: str) -> Endpoint | None:
-    """The endpoint of a request, or ``None`` for calls that are not LLM operations."""
+    """The endpoint of a request, or ``None`` for calls that are not LLM operations.
+
+    Cached: a process calls a handful of paths, on every request."""
     if method.lower() != "post":
         return None
     tail = path.split("?", 1)[0].rstrip("/")
@@ -215,36 +218,37 @@ def metadata_attributes(metadata: Mapping[str, str]) -> dict[str, str]:
     return {metadata_attribute(k): v for k, v in metadata.items()}
 
 
-_NOTHING: Mapping[str, Any] = MappingProxyType({})
+# type -> whether it is a pydantic model; a process sees a few dozen types.
+_MODEL_TYPES: dict[type, bool] = {}
 
 
-def fields_of(obj: Any) -> Mapping[str, Any]:
-    """The fields of a parsed openai model or of a plain dict, as one mapping to read.
+def fields_of(obj: Any, keys: tuple[str, ...]) -> Mapping[str, Any]:
+    """The fields of a parsed openai model or a plain dict, as one mapping to read.
 
     A pydantic model keeps its fields in ``__dict__`` and unknown ones (``usage.cost``
     from a proxy) in ``__pydantic_extra__``; reading them there avoids ``getattr``,
-    which costs an exception per missing field. Anything else is read attribute by
-    attribute through :func:`_get`.
+    which costs an exception per missing field. Any other object gives ``keys`` read
+    as attributes.
     """
-    if type(obj) is dict:
-        return obj
-    fields = getattr(obj, "__dict__", None)
-    if type(fields) is dict and not isinstance(obj, Mapping):
-        extra = getattr(obj, "__pydantic_extra__", None)
-        return {**extra, **fields} if extra else fields
+    kind = type(obj)
+    if kind is dict:
+        return obj  # type: ignore[no-any-return]
+    model = _MODEL_TYPES.get(kind)
+    if model is None:
+        model = hasattr(kind, "__pydantic_fields__") and not issubclass(kind, Mapping)
+        if len(_MODEL_TYPES) < 1024:
+            _MODEL_TYPES[kind] = model
+    if model:
+        extra = obj.__pydantic_extra__
+        return {**extra, **obj.__dict__} if extra else obj.__dict__  # type: ignore[no-any-return]
     if isinstance(obj, Mapping):
         return obj
-    return _NOTHING
+    return {key: getattr(obj, key, None) for key in keys}
 
 
 def _get(obj: Any, key: str) -> Any:
     """One field of a parsed openai model or of a plain dict (raw JSON, stream events)."""
-    if obj is None:
-        return None
-    found = fields_of(obj)
-    if found is _NOTHING:
-        return getattr(obj, key, None)
-    return found.get(key)
+    return None if obj is None else fields_of(obj, (key,)).get(key)
 
 
 class Usage(NamedTuple):
@@ -264,26 +268,24 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+_USAGE_FIELDS = (
+    "input_tokens",
+    "prompt_tokens",
+    "output_tokens",
+    "completion_tokens",
+    "input_tokens_details",
+    "prompt_tokens_details",
+    "output_tokens_details",
+    "completion_tokens_details",
+    "cost",
+)
+
+
 def usage_of(usage: Any) -> Usage | None:
     """Normalise chat/completions (``prompt_tokens``) and responses (``input_tokens``)."""
     if usage is None:
         return None
-    fields = fields_of(usage)
-    if fields is _NOTHING:
-        fields = {
-            key: getattr(usage, key, None)
-            for key in (
-                "input_tokens",
-                "prompt_tokens",
-                "output_tokens",
-                "completion_tokens",
-                "input_tokens_details",
-                "prompt_tokens_details",
-                "output_tokens_details",
-                "completion_tokens_details",
-                "cost",
-            )
-        }
+    fields = fields_of(usage, _USAGE_FIELDS)
     input_tokens = _int(fields.get("input_tokens"))
     if input_tokens is None:
         input_tokens = _int(fields.get("prompt_tokens"))
@@ -302,17 +304,19 @@ def usage_of(usage: Any) -> Usage | None:
     )
 
 
+def _present(pairs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    return {name: value for name, value in pairs if value is not None}
+
+
 def usage_attributes(usage: Usage) -> dict[str, Any]:
-    attrs: dict[str, Any] = {}
-    if usage.input_tokens is not None:
-        attrs[INPUT_TOKENS] = usage.input_tokens
-    if usage.output_tokens is not None:
-        attrs[OUTPUT_TOKENS] = usage.output_tokens
-    if usage.cached_input_tokens is not None:
-        attrs[CACHED_INPUT_TOKENS] = usage.cached_input_tokens
-    if usage.reasoning_tokens is not None:
-        attrs[REASONING_TOKENS] = usage.reasoning_tokens
-    return attrs
+    return _present(
+        (
+            (INPUT_TOKENS, usage.input_tokens),
+            (OUTPUT_TOKENS, usage.output_tokens),
+            (CACHED_INPUT_TOKENS, usage.cached_input_tokens),
+            (REASONING_TOKENS, usage.reasoning_tokens),
+        )
+    )
 
 
 def _finish_reasons(response: Mapping[str, Any]) -> tuple[str, ...] | None:
@@ -336,11 +340,21 @@ def _finish_reasons(response: Mapping[str, Any]) -> tuple[str, ...] | None:
     return (status,)
 
 
+_RESPONSE_FIELDS = (
+    "id",
+    "model",
+    "choices",
+    "status",
+    "incomplete_details",
+    "output",
+    "service_tier",
+    "system_fingerprint",
+)
+
+
 def response_attributes(response: Any) -> dict[str, Any]:
     """Attributes of a complete response (parsed model or the raw JSON dict)."""
-    fields = fields_of(response)
-    if fields is _NOTHING:
-        fields = {key: getattr(response, key, None) for key in _RESPONSE_FIELDS}
+    fields = fields_of(response, _RESPONSE_FIELDS)
     attrs: dict[str, Any] = {}
     response_id = fields.get("id")
     if isinstance(response_id, str):
@@ -360,18 +374,6 @@ def response_attributes(response: Any) -> dict[str, Any]:
     return attrs
 
 
-_RESPONSE_FIELDS = (
-    "id",
-    "model",
-    "choices",
-    "status",
-    "incomplete_details",
-    "output",
-    "service_tier",
-    "system_fingerprint",
-)
-
-
 _DATED = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4}|\d{8})$")
 
 
@@ -387,14 +389,13 @@ def model_shifted(requested: str | None, used: str | None) -> bool | None:
 
 def tokenlay_response_attributes(meta: TokenlayResponseMetadata) -> dict[str, Any]:
     """Span attributes from the proxy's ``x-tokenlay-*`` response headers."""
-    attrs: dict[str, Any] = {}
-    if meta.rule_id is not None:
-        attrs[RULE_ID] = meta.rule_id
-    if meta.rule_action is not None:
-        attrs[RULE_ACTION] = meta.rule_action
-    if meta.limit_exceeded is not None:
-        attrs[LIMIT_EXCEEDED] = meta.limit_exceeded
-    return attrs
+    return _present(
+        (
+            (RULE_ID, meta.rule_id),
+            (RULE_ACTION, meta.rule_action),
+            (LIMIT_EXCEEDED, meta.limit_exceeded),
+        )
+    )
 
 
 def error_type(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from types import TracebackType
+from typing import Any
 
 __all__ = ["ENV_RAISE_INTERNAL", "guard", "internal_error", "log", "redact_openai_debug_logs"]
 
@@ -18,17 +19,25 @@ log = logging.getLogger("tokenlay_otel")
 ENV_RAISE_INTERNAL = "TOKENLAY_OTEL_RAISE_INTERNAL_ERRORS"
 
 
+def _keep_quiet(what: str, exc_info: Any) -> bool:
+    """Log our own failure and answer ``True``, or ``False`` under the test switch
+    (the caller then lets the exception propagate)."""
+    # Read on the failure path only: the happy path pays nothing for it.
+    if os.environ.get(ENV_RAISE_INTERNAL) == "1":
+        return False
+    log.debug(
+        "tokenlay_otel internal error in %s (the LLM call is unaffected)", what, exc_info=exc_info
+    )
+    return True
+
+
 def internal_error(what: str) -> None:
     """Report the exception being handled as ours: log it, or re-raise it under tests.
 
     Call it from an ``except`` block; hot paths use it instead of :func:`guard`.
     """
-    # Read on the failure path only: the happy path pays nothing for it.
-    if os.environ.get(ENV_RAISE_INTERNAL) == "1":
+    if not _keep_quiet(what, True):
         raise  # re-raises the exception the caller is handling
-    log.debug(
-        "tokenlay_otel internal error in %s (the LLM call is unaffected)", what, exc_info=True
-    )
 
 
 class guard:  # lower case: used like a function, `with guard("..."):`
@@ -54,14 +63,7 @@ class guard:  # lower case: used like a function, `with guard("..."):`
     ) -> bool:
         if exc_type is None or not issubclass(exc_type, Exception):
             return False  # no error, or KeyboardInterrupt and friends: not ours to keep
-        if os.environ.get(ENV_RAISE_INTERNAL) == "1":
-            return False
-        log.debug(
-            "tokenlay_otel internal error in %s (the LLM call is unaffected)",
-            self.what,
-            exc_info=(exc_type, exc, tb) if exc is not None else True,
-        )
-        return True
+        return _keep_quiet(self.what, (exc_type, exc, tb))
 
 
 _SECRET_HEADERS = frozenset({"x-tokenlay-provider-key", "authorization"})

@@ -26,6 +26,9 @@ from ._telemetry import LLMCall
 
 __all__ = ["wrap_result"]
 
+_CHUNK_FIELDS = ("type", "response", "id", "model", "system_fingerprint", "service_tier",
+                 "choices", "usage")  # fmt: skip
+_CHOICE_FIELDS = ("finish_reason", "index", "delta", "text")
 _STREAM_END_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
@@ -67,11 +70,7 @@ class _StreamState:
         call = self.call
         if call.first_chunk_at is None:
             call.mark_first_chunk()
-        # Read fields from the model's __dict__: a missing attribute on a pydantic model
-        # costs an exception, and this runs for every chunk.
-        fields = chunk if type(chunk) is dict else getattr(chunk, "__dict__", None)
-        if type(fields) is not dict:
-            fields = A.fields_of(chunk)
+        fields = A.fields_of(chunk, _CHUNK_FIELDS)
         event_type = fields.get("type")
         if isinstance(event_type, str):  # Responses API event
             if event_type in _STREAM_END_EVENTS:
@@ -95,9 +94,7 @@ class _StreamState:
             return False
         texts = self.texts
         for choice in choices:
-            found = choice if type(choice) is dict else getattr(choice, "__dict__", None)
-            if type(found) is not dict:
-                found = A.fields_of(choice)
+            found = A.fields_of(choice, _CHOICE_FIELDS)
             reason = found.get("finish_reason")
             if reason is None and texts is None:
                 continue  # the common chunk: a delta, nothing to record

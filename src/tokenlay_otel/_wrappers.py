@@ -150,9 +150,9 @@ def _routed_headers(
     route: Route,
     caller_rest: Mapping[str, object],
     metadata: Mapping[str, str],
+    provider_base: str,
 ) -> dict[str, object]:
     provider_key = route.provider_key if route.provider_key is not None else client.api_key
-    provider_base = route.provider_base or _client_facts(client)[0]
     ours = build_request_headers(
         tokenlay_key=route.tokenlay_key,
         provider_key=provider_key,
@@ -194,22 +194,6 @@ def _metadata_for(
     return metadata
 
 
-_ENDPOINTS: dict[tuple[str, str], Endpoint | None] = {}
-
-
-def _endpoint(method: str, url: str) -> Endpoint | None:
-    """:func:`endpoint_for`, remembered: a process calls a handful of paths."""
-    key = (method, url)
-    try:
-        return _ENDPOINTS[key]
-    except KeyError:
-        pass
-    found = endpoint_for(method, url)
-    if len(_ENDPOINTS) < 1024:  # absolute URLs with query strings could be unbounded
-        _ENDPOINTS[key] = found
-    return found
-
-
 def _wants_usage_chunk(
     endpoint: Endpoint | None, body: Mapping[str, Any], *, routed: bool, provider: str
 ) -> bool:
@@ -236,7 +220,7 @@ def _start(
     routed = route is not None and isinstance(url, str) and not url.startswith(_ABSOLUTE)
     json_data = options.json_data
     body: Mapping[str, Any] = json_data if isinstance(json_data, Mapping) else {}
-    endpoint = _endpoint(options.method, url) if telemetry and isinstance(url, str) else None
+    endpoint = endpoint_for(options.method, url) if telemetry and isinstance(url, str) else None
     provider_base = (route.provider_base if route else None) or client_base
 
     llm = _start_span(telemetry, endpoint, body, metadata, provider_base, routed=routed)
@@ -253,7 +237,7 @@ def _start(
                 "stream_options": {**stream_options, "include_usage": True},
             }
         if routed and route is not None:
-            headers = _routed_headers(client, route, caller_rest, metadata)
+            headers = _routed_headers(client, route, caller_rest, metadata, provider_base)
             if llm is not None:
                 with guard("propagating the trace context"):
                     headers.update(llm.trace_headers())
