@@ -150,7 +150,7 @@ def _number(value: Any) -> float | int | None:
     kind = type(value)
     if kind is int or kind is float:  # the common case, without isinstance
         return value  # type: ignore[no-any-return]
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return value  # a subclass, e.g. numpy.float64
 
@@ -174,19 +174,27 @@ def request_attributes(body: Mapping[str, Any], endpoint: Endpoint) -> dict[str,
     if endpoint.api_type:
         attrs[API_TYPE] = endpoint.api_type
     # One pass over the (short) body rather than a lookup per known parameter.
-    others: dict[str, Any] = {}
+    others: dict[str, Any] | None = None
     for key, value in body.items():
         name = _REQUEST_NUMBERS.get(key)
         if name is not None:
             if _number(value) is not None:
                 attrs[name] = value
         elif key in _OTHER_REQUEST_KEYS:
+            if others is None:
+                others = {}
             others[key] = value
-    if not others:
-        return attrs
+    if others is not None:
+        _other_request_attributes(others, attrs)
+    return attrs
+
+
+def _other_request_attributes(others: dict[str, Any], attrs: dict[str, Any]) -> None:
     model = others.get("model")
     if isinstance(model, str):
         attrs[REQUEST_MODEL] = model
+    if len(others) == 1 and model is not None:
+        return  # the common case: no other parameter given
     for key in _MAX_TOKENS_KEYS:
         value = _number(others.get(key))
         if value is not None:
@@ -205,7 +213,6 @@ def request_attributes(body: Mapping[str, Any], endpoint: Endpoint) -> dict[str,
     tier = others.get("service_tier")
     if isinstance(tier, str) and tier != "auto":
         attrs[REQUEST_SERVICE_TIER] = tier
-    return attrs
 
 
 @functools.lru_cache(maxsize=1024)
@@ -265,6 +272,8 @@ class Usage(NamedTuple):
 def _int(value: Any) -> int | None:
     if type(value) is int:
         return value
+    if value is None:
+        return None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -309,14 +318,16 @@ def _present(pairs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
 
 
 def usage_attributes(usage: Usage) -> dict[str, Any]:
-    return _present(
-        (
-            (INPUT_TOKENS, usage.input_tokens),
-            (OUTPUT_TOKENS, usage.output_tokens),
-            (CACHED_INPUT_TOKENS, usage.cached_input_tokens),
-            (REASONING_TOKENS, usage.reasoning_tokens),
-        )
-    )
+    attrs: dict[str, Any] = {}
+    if usage.input_tokens is not None:
+        attrs[INPUT_TOKENS] = usage.input_tokens
+    if usage.output_tokens is not None:
+        attrs[OUTPUT_TOKENS] = usage.output_tokens
+    if usage.cached_input_tokens is not None:
+        attrs[CACHED_INPUT_TOKENS] = usage.cached_input_tokens
+    if usage.reasoning_tokens is not None:
+        attrs[REASONING_TOKENS] = usage.reasoning_tokens
+    return attrs
 
 
 def _finish_reasons(response: Mapping[str, Any]) -> tuple[str, ...] | None:
@@ -340,7 +351,7 @@ def _finish_reasons(response: Mapping[str, Any]) -> tuple[str, ...] | None:
     return (status,)
 
 
-_RESPONSE_FIELDS = (
+RESPONSE_FIELDS = (
     "id",
     "model",
     "choices",
@@ -349,12 +360,14 @@ _RESPONSE_FIELDS = (
     "output",
     "service_tier",
     "system_fingerprint",
+    "usage",
 )
 
 
 def response_attributes(response: Any) -> dict[str, Any]:
-    """Attributes of a complete response (parsed model or the raw JSON dict)."""
-    fields = fields_of(response, _RESPONSE_FIELDS)
+    """Attributes of a complete response (parsed model, the raw JSON dict, or its
+    ``fields_of(response, RESPONSE_FIELDS)``)."""
+    fields = fields_of(response, RESPONSE_FIELDS)
     attrs: dict[str, Any] = {}
     response_id = fields.get("id")
     if isinstance(response_id, str):

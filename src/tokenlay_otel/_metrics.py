@@ -9,12 +9,24 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import metrics
 from opentelemetry.context import Context
 
-from ._attributes import metadata_attribute
+from ._attributes import (
+    BYPASSED,
+    COST_SOURCE,
+    ERROR_TYPE,
+    MODEL_SHIFTED,
+    OPERATION,
+    PROVIDER,
+    REQUEST_MODEL,
+    RESPONSE_MODEL,
+    ROUTED,
+    RULE_ACTION,
+    metadata_attribute,
+)
 from ._version import __version__
 
 __all__ = [
@@ -33,6 +45,7 @@ TOKEN_BUCKETS = (
 )  # fmt: skip
 
 OTHER = "_other"
+USAGE_TYPE = "gen_ai.token.type"  # input or output, on token.usage points
 
 
 class ValueCap:
@@ -59,7 +72,11 @@ class ValueCap:
 class CallMeasurements:
     """What one finished call measured, for the metric instruments."""
 
-    attributes: Mapping[str, Any]  # operation, provider, models, error.type
+    operation: str
+    provider: str
+    request_model: str | None
+    response_model: str | None
+    error_type: str | None
     metadata: Mapping[str, str]
     duration_s: float
     input_tokens: int | None
@@ -72,6 +89,21 @@ class CallMeasurements:
     routed: bool
     model_shifted: bool = False
     bypassed: bool = False
+
+
+class _AttributeSets(NamedTuple):
+    """The attribute dicts of one kind of call, one per instrument; never mutated."""
+
+    common: dict[str, Any]
+    input_tokens: dict[str, Any]
+    output_tokens: dict[str, Any]
+    requests: dict[str, Any]
+    cost: dict[str, Any]
+
+
+#: Distinct kinds of call whose attribute dicts are kept; cleared when full (a miss
+#: only costs building the dicts again).
+_SETS_LIMIT = 2048
 
 
 class MetricRecorder:
@@ -87,6 +119,7 @@ class MetricRecorder:
         self._fields = tuple(
             (f, metadata_attribute(f), ValueCap(value_limit)) for f in metadata_fields
         )
+        self._sets: dict[tuple[object, ...], _AttributeSets] = {}
         self.duration = meter.create_histogram(
             "gen_ai.client.operation.duration",
             unit="s",
@@ -131,30 +164,64 @@ class MetricRecorder:
         return cls(meter, metadata_fields=metadata_fields, value_limit=value_limit)
 
     def record(self, m: CallMeasurements, context: Context | None) -> None:
-        attrs = dict(m.attributes)
-        for field, name, cap in self._fields:
-            value = m.metadata.get(field)
-            if value is not None:
-                attrs[name] = cap(value)
+        sets = self._attribute_sets(m)
         # Recorded in the LLM span's context: the SDK's trace-based exemplars then link
         # the points to the span (and the SDK takes its fastest path with a context).
-        self.duration.record(m.duration_s, attrs, context=context)
+        self.duration.record(m.duration_s, sets.common, context=context)
         if m.input_tokens is not None:
-            self.tokens.record(m.input_tokens, {**attrs, "gen_ai.token.type": "input"}, context)
+            self.tokens.record(m.input_tokens, sets.input_tokens, context=context)
         if m.output_tokens is not None:
-            self.tokens.record(m.output_tokens, {**attrs, "gen_ai.token.type": "output"}, context)
+            self.tokens.record(m.output_tokens, sets.output_tokens, context=context)
         if m.cached_input_tokens:
-            self.cached_tokens.add(m.cached_input_tokens, attrs, context=context)
+            self.cached_tokens.add(m.cached_input_tokens, sets.common, context=context)
         if m.time_to_first_chunk_s is not None:
-            self.time_to_first_chunk.record(m.time_to_first_chunk_s, attrs, context=context)
-        request_attrs = {
-            **attrs,
-            "tokenlay.rule.action": m.rule_action or "none",
-            "tokenlay.cost.source": m.cost_source,
-            "tokenlay.routed": m.routed,
-            "tokenlay.model_shifted": m.model_shifted,
-            "tokenlay.proxy.bypassed": m.bypassed,
-        }
-        self.requests.add(1, request_attrs, context=context)
+            self.time_to_first_chunk.record(m.time_to_first_chunk_s, sets.common, context=context)
+        self.requests.add(1, sets.requests, context=context)
         if m.cost is not None:
-            self.cost.add(m.cost, {**attrs, "tokenlay.cost.source": m.cost_source}, context)
+            self.cost.add(m.cost, sets.cost, context=context)
+
+    def _attribute_sets(self, m: CallMeasurements) -> _AttributeSets:
+        """The call's attribute dicts, built once per kind of call: a process makes
+        calls of a few models for a bounded set of (capped) users and orgs."""
+        metadata = m.metadata
+        capped = tuple([
+            None if (value := metadata.get(field)) is None else cap(value)
+            for field, _, cap in self._fields
+        ])  # fmt: skip
+        key = (
+            m.operation, m.provider, m.request_model, m.response_model, m.error_type,
+            m.rule_action, m.cost_source, m.routed, m.model_shifted, m.bypassed, capped,
+        )  # fmt: skip
+        sets = self._sets.get(key)
+        if sets is None:
+            sets = self._build_sets(m, capped)
+            if len(self._sets) >= _SETS_LIMIT:
+                self._sets.clear()
+            self._sets[key] = sets
+        return sets
+
+    def _build_sets(self, m: CallMeasurements, capped: tuple[str | None, ...]) -> _AttributeSets:
+        common: dict[str, Any] = {OPERATION: m.operation, PROVIDER: m.provider}
+        if m.request_model:
+            common[REQUEST_MODEL] = m.request_model
+        if m.response_model is not None:
+            common[RESPONSE_MODEL] = m.response_model
+        if m.error_type is not None:
+            common[ERROR_TYPE] = m.error_type
+        for (_, name, _), value in zip(self._fields, capped, strict=True):
+            if value is not None:
+                common[name] = value
+        return _AttributeSets(
+            common=common,
+            input_tokens={**common, USAGE_TYPE: "input"},
+            output_tokens={**common, USAGE_TYPE: "output"},
+            requests={
+                **common,
+                RULE_ACTION: m.rule_action or "none",
+                COST_SOURCE: m.cost_source,
+                ROUTED: m.routed,
+                MODEL_SHIFTED: m.model_shifted,
+                BYPASSED: m.bypassed,
+            },
+            cost={**common, COST_SOURCE: m.cost_source},
+        )

@@ -10,6 +10,7 @@ import ipaddress
 import json
 import logging
 import math
+import operator
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -360,6 +361,45 @@ _RAW_PREFIX = HEADER_PREFIX.encode()
 _PREFIX_LENGTH = len(_RAW_PREFIX)
 
 
+def _tokenlay_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The ``x-tokenlay-*`` headers, by lower-case name.
+
+    Every response passes through here and most carry none of ours, so httpx headers
+    are searched as bytes, in the (raw, lower-case, value) triples httpx and httpx2
+    keep, and only our few are decoded.
+    """
+    triples = getattr(headers, "_list", None)
+    if type(triples) is list and (not triples or _is_triple(triples[0])):
+        if _RAW_PREFIX not in b"\n".join(map(_second, triples)):
+            return {}
+        return {
+            lower.decode("latin-1"): value.decode("utf-8", "replace")
+            for _, lower, value in triples
+            if lower.startswith(_RAW_PREFIX)
+        }
+    raw = getattr(headers, "raw", None)
+    if isinstance(raw, list) and all(type(pair[0]) is bytes for pair in raw[:1]):
+        return {
+            name.decode("latin-1").lower(): value.decode("utf-8", "replace")
+            for name, value in raw
+            if name[:_PREFIX_LENGTH].lower() == _RAW_PREFIX
+        }
+    values: dict[str, str] = {}
+    for name, value in headers.items():
+        if isinstance(name, str) and isinstance(value, str):
+            lowered = name.lower()
+            if lowered.startswith(HEADER_PREFIX):
+                values[lowered] = value
+    return values
+
+
+_second = operator.itemgetter(1)
+
+
+def _is_triple(item: object) -> bool:
+    return type(item) is tuple and len(item) == 3 and type(item[1]) is type(item[2]) is bytes
+
+
 def parse_response_headers(headers: Mapping[str, str]) -> TokenlayResponseMetadata | None:
     """Parse the proxy's ``x-tokenlay-*`` response headers; never raises.
 
@@ -369,22 +409,8 @@ def parse_response_headers(headers: Mapping[str, str]) -> TokenlayResponseMetada
     Returns:
         The parsed metadata, or ``None`` when no Tokenlay header is present.
     """
-    values: dict[str, str] = {}
     try:
-        raw = getattr(headers, "raw", None)
-        if isinstance(raw, list) and all(type(pair[0]) is bytes for pair in raw[:1]):
-            # httpx/starlette headers: scan the raw bytes and decode only our few, rather
-            # than having every header of every response decoded.
-            for raw_name, raw_value in raw:
-                if raw_name[:_PREFIX_LENGTH].lower() == _RAW_PREFIX:
-                    name = raw_name.decode("latin-1").lower()
-                    values[name] = raw_value.decode("utf-8", "replace")
-        else:
-            for name, value in headers.items():
-                if isinstance(name, str) and isinstance(value, str):
-                    lowered = name.lower()
-                    if lowered.startswith(HEADER_PREFIX):
-                        values[lowered] = value
+        values = _tokenlay_headers(headers)
     except Exception:  # a foreign mapping may fail while iterating; treat as no headers
         _log.debug("could not read response headers", exc_info=True)
         return None

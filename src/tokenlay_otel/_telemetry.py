@@ -184,8 +184,9 @@ class LLMCall:
         try:
             attrs: dict[str, Any] = {}
             if response is not None:
-                attrs.update(A.response_attributes(response))
-                usage = usage or A.usage_of(A._get(response, "usage"))
+                fields = A.fields_of(response, A.RESPONSE_FIELDS)  # read once, for both
+                attrs.update(A.response_attributes(fields))
+                usage = usage or A.usage_of(fields.get("usage"))
                 if output is None and self.telemetry.settings.capture_content:
                     output = output_messages(response)
             if response_attrs:
@@ -236,20 +237,13 @@ class LLMCall:
                 # can quote request data.
                 span.set_status(Status(StatusCode.ERROR, type(error).__name__))
             span.set_attributes(attrs)
-        metric_attrs: dict[str, Any] = {
-            A.OPERATION: self.endpoint.operation,
-            A.PROVIDER: self.provider[A.PROVIDER],
-        }
-        request_model = self.request_model
-        if request_model:
-            metric_attrs[A.REQUEST_MODEL] = request_model
-        if isinstance(used_model, str):
-            metric_attrs[A.RESPONSE_MODEL] = used_model
-        if error_type is not None:
-            metric_attrs[A.ERROR_TYPE] = error_type
         self.telemetry.metrics.record(
             CallMeasurements(
-                attributes=metric_attrs,
+                operation=self.endpoint.operation,
+                provider=self.provider[A.PROVIDER],
+                request_model=self.request_model,
+                response_model=used_model if isinstance(used_model, str) else None,
+                error_type=error_type,
                 metadata=self.metadata,
                 duration_s=duration,
                 input_tokens=usage.input_tokens if usage else None,
