@@ -140,3 +140,41 @@ def test_a_foreign_raw_attribute_falls_back_to_items() -> None:
     meta = parse_response_headers(_TextRaw({"x-tokenlay-cost": "0.5"}))
     assert meta is not None
     assert meta.cost == 0.5
+
+
+def test_attribute_sets_stay_right_past_their_cache(
+    instrument, telemetry: SpanCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tokenlay_otel import _metrics
+
+    monkeypatch.setattr(_metrics, "_SETS_LIMIT", 3)  # cleared every third kind of call
+    instrument()
+    client = sync_client()
+    for _ in range(2):
+        for user in ("u1", "u2", "u3", "u4"):
+            for model in ("gpt-4o-mini", "gpt-4o"):
+                with metadata(user=user, org=f"org-{user}"):
+                    client.chat.completions.create(model=model, messages=MESSAGES)
+    requests = telemetry.metrics()["tokenlay.client.requests"][1]
+    seen = {
+        (p.attributes["tokenlay.user"], p.attributes["tokenlay.org"],
+         p.attributes["gen_ai.request.model"]): p.value
+        for p in requests
+    }  # fmt: skip
+    assert seen == {
+        (user, f"org-{user}", model): 2
+        for user in ("u1", "u2", "u3", "u4")
+        for model in ("gpt-4o-mini", "gpt-4o")
+    }
+    tokens = telemetry.metrics()["gen_ai.client.token.usage"][1]
+    inputs = [p for p in tokens if p.attributes["gen_ai.token.type"] == "input"]
+    assert len(inputs) == 8
+    assert all(p.sum == 2 * (10 + len("hi")) and p.count == 2 for p in inputs)
+
+
+def test_httpx_headers_with_our_prefix_inside_another_name() -> None:
+    headers = httpx.Headers({"x-forwarded-x-tokenlay-cost": "9", "X-Tokenlay-Cost": "0.5"})
+    meta = parse_response_headers(headers)
+    assert meta is not None
+    assert meta.cost == 0.5
+    assert parse_response_headers(httpx.Headers({"x-forwarded-x-tokenlay-cost": "9"})) is None

@@ -38,6 +38,7 @@ class _StreamState:
     __slots__ = (
         "__weakref__",
         "call",
+        "delta_types",
         "final_response",
         "fingerprint",
         "hide_usage",
@@ -64,9 +65,28 @@ class _StreamState:
         self.texts: dict[int, list[str]] | None = (
             {} if call.telemetry.settings.capture_content else None
         )
+        #: (chunk type, choice type) of this stream's parsed chat chunks, once seen.
+        self.delta_types: tuple[type[Any], type[Any]] | None = None
 
     def on_chunk(self, chunk: Any) -> bool:
         """Account for one chunk; ``True`` when it is our usage chunk, to hide."""
+        types = self.delta_types
+        # Most chunks carry a piece of text and nothing to record: told apart by plain
+        # attribute reads on the parsed models, without the full reading.
+        if (
+            types is not None
+            and type(chunk) is types[0]
+            and chunk.usage is None
+            and type(choices := chunk.choices) is list
+        ):
+            for choice in choices:
+                if type(choice) is not types[1] or choice.finish_reason is not None:
+                    break
+            else:
+                return False
+        return self._read_chunk(chunk)
+
+    def _read_chunk(self, chunk: Any) -> bool:
         call = self.call
         if call.first_chunk_at is None:
             call.mark_first_chunk()
@@ -93,6 +113,8 @@ class _StreamState:
         if not choices or not isinstance(choices, list | tuple):
             return False
         texts = self.texts
+        if texts is None and self.delta_types is None:
+            self._learn_delta_types(chunk, choices[0])
         for choice in choices:
             found = A.fields_of(choice, _CHOICE_FIELDS)
             reason = found.get("finish_reason")
@@ -110,6 +132,18 @@ class _StreamState:
                 if isinstance(text, str) and text:
                     texts.setdefault(index, []).append(text)
         return False
+
+    def _learn_delta_types(self, chunk: Any, choice: Any) -> None:
+        """Remember the types of a parsed chat chunk and its choice, for the fast path
+        of :meth:`on_chunk` (only openai's models: their fields are plain attributes)."""
+        kind, choice_kind = type(chunk), type(choice)
+        if (
+            kind.__module__.startswith("openai.")
+            and choice_kind.__module__.startswith("openai.")
+            and "usage" in getattr(kind, "model_fields", ())
+            and "finish_reason" in getattr(choice_kind, "model_fields", ())
+        ):
+            self.delta_types = (kind, choice_kind)
 
     def on_end(self, error: BaseException | None, result: object) -> None:
         """The stream is over (exhausted, failed, closed or abandoned)."""
