@@ -358,7 +358,6 @@ def _parse_action(header: str, value: str) -> RuleAction | None:
 
 
 _RAW_PREFIX = HEADER_PREFIX.encode()
-_PREFIX_LENGTH = len(_RAW_PREFIX)
 
 
 def _tokenlay_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -366,7 +365,8 @@ def _tokenlay_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
     Every response passes through here and most carry none of ours, so httpx headers
     are searched as bytes, in the (raw, lower-case, value) triples httpx and httpx2
-    keep, and only our few are decoded.
+    keep, and only our few are decoded (their public ``raw`` is rebuilt in Python on
+    each read, which costs twice as much). Any other mapping is read item by item.
     """
     triples = getattr(headers, "_list", None)
     if type(triples) is list and (not triples or _is_triple(triples[0])):
@@ -376,13 +376,6 @@ def _tokenlay_headers(headers: Mapping[str, str]) -> dict[str, str]:
             lower.decode("latin-1"): value.decode("utf-8", "replace")
             for _, lower, value in triples
             if lower.startswith(_RAW_PREFIX)
-        }
-    raw = getattr(headers, "raw", None)
-    if isinstance(raw, list) and all(type(pair[0]) is bytes for pair in raw[:1]):
-        return {
-            name.decode("latin-1").lower(): value.decode("utf-8", "replace")
-            for name, value in raw
-            if name[:_PREFIX_LENGTH].lower() == _RAW_PREFIX
         }
     values: dict[str, str] = {}
     for name, value in headers.items():
