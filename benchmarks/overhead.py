@@ -50,6 +50,7 @@ from opentelemetry.trace import SpanKind
 
 from tokenlay_otel import TokenlayInstrumentor, metadata
 from tokenlay_otel._config import Settings
+from tokenlay_otel._metrics import REQUESTS
 from tokenlay_otel.testing import chat_completion
 
 httpx: Any = getattr(base_client, "httpx2", None) or base_client.httpx
@@ -339,6 +340,10 @@ def capture(scenario: Scenario, instrumentation: Instrumentation) -> Telemetry:
     for resource_metrics in data.resource_metrics if data else ():
         for scope_metrics in resource_metrics.scope_metrics:
             for metric in scope_metrics.metrics:
+                if metric.name == REQUESTS:
+                    # Counted by tokenlay and observed by the SDK at collection: per
+                    # call it is tokenlay's own work, no SDK record to put in the floor.
+                    continue
                 for point in metric.data.data_points:
                     attrs = dict(point.attributes or {})
                     if isinstance(point, HistogramDataPoint):

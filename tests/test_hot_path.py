@@ -178,3 +178,27 @@ def test_httpx_headers_with_our_prefix_inside_another_name() -> None:
     assert meta is not None
     assert meta.cost == 0.5
     assert parse_response_headers(httpx.Headers({"x-forwarded-x-tokenlay-cost": "9"})) is None
+
+
+def test_proxy_headers_read_the_same_from_httpx_and_from_a_dict() -> None:
+    sent = {
+        "Content-Type": "application/json",
+        "X-Tokenlay-Input-Tokens": " 12 ",
+        "x-tokenlay-output-tokens": "7.0",
+        "x-tokenlay-tokens-used": "\u0661\u0669",  # Arabic-Indic 19: int() reads it
+        "x-tokenlay-duration": "-3",
+        "x-tokenlay-rule-action": "Allow",
+        "x-tokenlay-some-future-field": "1",
+    }
+    from_httpx = parse_response_headers(httpx.Headers([(k, v.encode()) for k, v in sent.items()]))
+    assert from_httpx == parse_response_headers(sent)
+    assert from_httpx is not None
+    assert (from_httpx.input_tokens, from_httpx.output_tokens) == (12, 7)
+    assert (from_httpx.tokens_used, from_httpx.duration_ms) == (19, None)
+    assert from_httpx.rule_action == "allow"
+    # A header of ours we do not know yet still says the proxy answered.
+    only_unknown = {"x-tokenlay-some-future-field": "1"}
+    assert parse_response_headers(httpx.Headers(only_unknown)) == parse_response_headers(
+        only_unknown
+    )
+    assert parse_response_headers(only_unknown) is not None

@@ -307,3 +307,116 @@ def test_cached_tokens_are_counted(
     (cost,) = points(telemetry, "tokenlay.client.cost")
     assert cost.value == pytest.approx(400 * 0.15e-6 + 600 * 0.075e-6 + 10 * 0.6e-6)
     assert telemetry.only_span().attributes["gen_ai.usage.cache_read.input_tokens"] == 600
+
+
+# tokenlay.client.requests is counted by us and observed by the SDK at collection.
+
+
+def _requests(reader: object) -> dict[str, int]:
+    data = reader.get_metrics_data()  # type: ignore[attr-defined]
+    found: dict[str, int] = {}
+    for resource_metrics in data.resource_metrics if data else []:
+        for scope in resource_metrics.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == "tokenlay.client.requests":
+                    assert metric.data.is_monotonic
+                    for point in metric.data.data_points:
+                        user = point.attributes.get("tokenlay.user", "overflow")
+                        found[user] = point.value
+    return found
+
+
+def test_requests_keep_counting_across_uninstrument_and_instrument(
+    server: FakeOpenAIServer, telemetry: SpanCapture
+) -> None:
+    instrumentor = TokenlayInstrumentor()
+    for calls in (1, 2):
+        instrumentor.instrument(
+            tracer_provider=telemetry.provider,
+            meter_provider=telemetry.meter_provider,
+            settings=Settings.from_env(),
+        )
+        try:
+            with metadata(user="u1"):
+                for _ in range(calls):
+                    direct(server).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        finally:
+            instrumentor.uninstrument()
+    # The SDK keeps the instrument (and callback) of the first instrument(); the
+    # second must count into the same place rather than into one nobody reads.
+    assert _requests(telemetry.reader) == {"u1": 3}
+
+
+def test_requests_with_delta_temporality(server: FakeOpenAIServer) -> None:
+    from opentelemetry.sdk.metrics import Counter, MeterProvider, ObservableCounter
+    from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
+
+    delta = AggregationTemporality.DELTA
+    reader = InMemoryMetricReader(preferred_temporality={Counter: delta, ObservableCounter: delta})
+    capture = SpanCapture()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    instrumentor = TokenlayInstrumentor()
+    instrumentor.instrument(
+        tracer_provider=capture.provider, meter_provider=meter_provider, settings=Settings()
+    )
+    try:
+        client = direct(server)
+        with metadata(user="u1"):
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            assert _requests(reader) == {"u1": 1}
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            assert _requests(reader) == {"u1": 2}
+    finally:
+        instrumentor.uninstrument()
+        meter_provider.shutdown()
+
+
+def test_request_attribute_sets_past_the_limit_go_to_overflow(
+    server: FakeOpenAIServer, instrument, telemetry: SpanCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tokenlay_otel import _metrics
+
+    monkeypatch.setattr(_metrics, "_COUNTS_LIMIT", 2)
+    instrument()
+    client = direct(server)
+    for user in ("u1", "u2", "u3", "u4", "u1", "u4"):
+        with metadata(user=user):
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert _requests(telemetry.reader) == {"u1": 2, "u2": 1, "overflow": 3}
+    requests = points(telemetry, "tokenlay.client.requests")
+    (overflow,) = [p for p in requests if "tokenlay.user" not in p.attributes]
+    assert dict(overflow.attributes) == {"otel.metric.overflow": True}
+
+
+def test_requests_through_a_proxy_meter_reach_the_sdk_set_later() -> None:
+    # instrument() before the SDK is configured gets the API's proxy meter. Done twice
+    # (uninstrument() between), each gets its own proxy instrument, and the SDK set
+    # later keeps only the first one's callback: the second must still be counted.
+    from opentelemetry.metrics._internal import _ProxyMeterProvider
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from tokenlay_otel._metrics import MetricRecorder
+
+    proxy = _ProxyMeterProvider()
+    first, second = (
+        MetricRecorder.create(proxy, metadata_fields=("user",), value_limit=10) for _ in "12"
+    )
+    reader = InMemoryMetricReader()
+    proxy.on_set_meter_provider(MeterProvider(metric_readers=[reader]))
+    first.record(_measurements("u1"), None)
+    for user in ("u1", "u2"):
+        second.record(_measurements(user), None)
+    assert _requests(reader) == {"u1": 2, "u2": 1}
+
+
+def _measurements(user: str):  # type: ignore[no-untyped-def]
+    from tokenlay_otel._metrics import CallMeasurements
+
+    return CallMeasurements(
+        operation="chat", provider="openai", request_model="m", response_model="m",
+        error_type=None, metadata={"user": user}, duration_s=0.1, input_tokens=1, output_tokens=1,
+        cached_input_tokens=None, time_to_first_chunk_s=None, cost=None,
+        cost_source="unknown", rule_action=None, routed=False,
+    )  # fmt: skip

@@ -7,12 +7,14 @@ counters carry spend and proxy decisions.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from opentelemetry import metrics
 from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from ._attributes import (
     BYPASSED,
@@ -31,9 +33,11 @@ from ._version import __version__
 
 __all__ = [
     "DURATION_BUCKETS",
+    "REQUESTS",
     "TOKEN_BUCKETS",
     "CallMeasurements",
     "MetricRecorder",
+    "RequestCounts",
     "ValueCap",
 ]
 
@@ -46,6 +50,9 @@ TOKEN_BUCKETS = (
 
 OTHER = "_other"
 USAGE_TYPE = "gen_ai.token.type"  # input or output, on token.usage points
+REQUESTS = "tokenlay.client.requests"
+_REQUESTS_UNIT = "{request}"
+_REQUESTS_DESCRIPTION = "LLM calls, by proxy decision and cost source"
 
 
 class ValueCap:
@@ -98,12 +105,80 @@ class _AttributeSets(NamedTuple):
     input_tokens: dict[str, Any]
     output_tokens: dict[str, Any]
     requests: dict[str, Any]
+    requests_key: frozenset[tuple[str, Any]]
     cost: dict[str, Any]
 
 
 #: Distinct kinds of call whose attribute dicts are kept; cleared when full (a miss
 #: only costs building the dicts again).
 _SETS_LIMIT = 2048
+
+#: Attribute sets ``RequestCounts`` keeps apart, as the SDK's default cardinality limit
+#: does for a synchronous counter; later sets are counted in the overflow point.
+_COUNTS_LIMIT = 2000
+_OVERFLOW: dict[str, Any] = {"otel.metric.overflow": True}
+_OVERFLOW_KEY = frozenset(_OVERFLOW.items())
+
+
+class RequestCounts:
+    """``tokenlay.client.requests`` counted here and handed to the SDK at collection.
+
+    A synchronous counter costs a full SDK record per call (SDK 1.45 cleans and
+    hashes its 11 attribute values in Python, ~20 us); this costs a locked dict
+    increment. The exported points are the same monotonic sums per attribute set;
+    what is given up is exemplars on this one counter, which no panel reads (cost and
+    duration keep theirs)."""
+
+    __slots__ = ("__weakref__", "_attributes", "_counts", "_lock")
+
+    def __init__(self) -> None:
+        self._counts: dict[frozenset[tuple[str, Any]], int] = {}
+        self._attributes: dict[frozenset[tuple[str, Any]], Mapping[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, sets: _AttributeSets, context: Context | None = None) -> None:
+        key = sets.requests_key
+        with self._lock:
+            count = self._counts.get(key)
+            if count is None:
+                if len(self._counts) >= _COUNTS_LIMIT:
+                    key, attributes = _OVERFLOW_KEY, _OVERFLOW
+                else:
+                    attributes = sets.requests
+                self._attributes.setdefault(key, attributes)
+                count = self._counts.get(key, 0)
+            self._counts[key] = count + 1
+
+    def observe(self, options: CallbackOptions) -> list[Observation]:
+        with self._lock:
+            counts = list(self._counts.items())
+        attributes = self._attributes
+        return [Observation(count, attributes[key]) for key, count in counts]
+
+
+#: One ``RequestCounts`` per SDK instrument: the SDK hands back the instrument it already
+#: has (with its first callback) when we create it again, e.g. after uninstrument().
+_SDK_COUNTS: weakref.WeakKeyDictionary[object, RequestCounts] = weakref.WeakKeyDictionary()
+_SDK_COUNTS_LOCK = threading.Lock()
+
+
+def _request_counter(meter: metrics.Meter) -> Callable[[_AttributeSets, Context | None], None]:
+    """How a call is counted in ``tokenlay.client.requests`` on ``meter``."""
+    if type(meter).__module__.startswith("opentelemetry.sdk."):
+        with _SDK_COUNTS_LOCK:
+            counts = RequestCounts()
+            instrument = meter.create_observable_counter(
+                REQUESTS, [counts.observe], unit=_REQUESTS_UNIT, description=_REQUESTS_DESCRIPTION
+            )
+            return _SDK_COUNTS.setdefault(instrument, counts).add
+    # A proxy meter (no SDK yet) or another implementation: its instruments may be
+    # swapped or merged behind our back, so the plain counter is the safe choice.
+    counter = meter.create_counter(REQUESTS, unit=_REQUESTS_UNIT, description=_REQUESTS_DESCRIPTION)
+
+    def add(sets: _AttributeSets, context: Context | None = None) -> None:
+        counter.add(1, sets.requests, context=context)
+
+    return add
 
 
 class MetricRecorder:
@@ -146,11 +221,7 @@ class MetricRecorder:
             unit="{token}",
             description="Input tokens served from the provider's prompt cache",
         )
-        self.requests = meter.create_counter(
-            "tokenlay.client.requests",
-            unit="{request}",
-            description="LLM calls, by proxy decision and cost source",
-        )
+        self._count_request = _request_counter(meter)
 
     @classmethod
     def create(
@@ -176,7 +247,7 @@ class MetricRecorder:
             self.cached_tokens.add(m.cached_input_tokens, sets.common, context=context)
         if m.time_to_first_chunk_s is not None:
             self.time_to_first_chunk.record(m.time_to_first_chunk_s, sets.common, context=context)
-        self.requests.add(1, sets.requests, context=context)
+        self._count_request(sets, context)
         if m.cost is not None:
             self.cost.add(m.cost, sets.cost, context=context)
 
@@ -211,17 +282,19 @@ class MetricRecorder:
         for (_, name, _), value in zip(self._fields, capped, strict=True):
             if value is not None:
                 common[name] = value
+        requests = {
+            **common,
+            RULE_ACTION: m.rule_action or "none",
+            COST_SOURCE: m.cost_source,
+            ROUTED: m.routed,
+            MODEL_SHIFTED: m.model_shifted,
+            BYPASSED: m.bypassed,
+        }
         return _AttributeSets(
             common=common,
             input_tokens={**common, USAGE_TYPE: "input"},
             output_tokens={**common, USAGE_TYPE: "output"},
-            requests={
-                **common,
-                RULE_ACTION: m.rule_action or "none",
-                COST_SOURCE: m.cost_source,
-                ROUTED: m.routed,
-                MODEL_SHIFTED: m.model_shifted,
-                BYPASSED: m.bypassed,
-            },
+            requests=requests,
+            requests_key=frozenset(requests.items()),
             cost={**common, COST_SOURCE: m.cost_source},
         )

@@ -14,7 +14,7 @@ import operator
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("tokenlay_otel")
-_T = TypeVar("_T")
 
 HEADER_PREFIX = "x-tokenlay-"
 PROVIDER_KEY_HEADER = "x-tokenlay-provider-key"
@@ -297,6 +296,8 @@ def _ignore(header: str) -> None:
 
 
 def _parse_int(header: str, value: str) -> int | None:
+    if value.isdecimal():  # what the proxy sends; the rest is checked below
+        return int(value)
     try:
         number = float(value.strip())
     except ValueError:
@@ -357,11 +358,30 @@ def _parse_action(header: str, value: str) -> RuleAction | None:
     return None
 
 
+#: Header name -> (field of TokenlayResponseMetadata, parser).
+_FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    HEADER_PREFIX + suffix: (field, parse)
+    for suffix, field, parse in (
+        ("rule-id", "rule_id", _parse_text),
+        ("rule-action", "rule_action", _parse_action),
+        ("limit-exceeded", "limit_exceeded", _parse_bool),
+        ("cost", "cost", _parse_float),
+        ("tokens-used", "tokens_used", _parse_int),
+        ("input-tokens", "input_tokens", _parse_int),
+        ("output-tokens", "output_tokens", _parse_int),
+        ("duration", "duration_ms", _parse_int),
+        ("warnings", "warnings", _parse_warnings),
+        ("model", "model", _parse_text),
+    )
+}
 _RAW_PREFIX = HEADER_PREFIX.encode()
+_LINE_PREFIX = b"\n" + _RAW_PREFIX
+_RAW_NAMES = tuple((name, name.encode()) for name in _FIELDS)
 
 
-def _tokenlay_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The ``x-tokenlay-*`` headers, by lower-case name.
+def _tokenlay_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
+    """The ``x-tokenlay-*`` headers by lower-case name (with httpx, only the ones we
+    read); ``None`` when there is none at all.
 
     Every response passes through here and most carry none of ours, so httpx headers
     are searched as bytes, in the (raw, lower-case, value) triples httpx and httpx2
@@ -370,12 +390,16 @@ def _tokenlay_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """
     triples = getattr(headers, "_list", None)
     if type(triples) is list and (not triples or _is_triple(triples[0])):
-        if _RAW_PREFIX not in b"\n".join(map(_second, triples)):
-            return {}
+        names = b"\n".join(map(_second, triples))
+        if not names.startswith(_RAW_PREFIX) and _LINE_PREFIX not in names:
+            return None
+        # Looked up by name in a dict built in C, rather than a Python loop over
+        # every header: a response carries two or three times more of others'.
+        by_name = dict(zip(map(_second, triples), map(_third, triples), strict=True))
         return {
-            lower.decode("latin-1"): value.decode("utf-8", "replace")
-            for _, lower, value in triples
-            if lower.startswith(_RAW_PREFIX)
+            name: raw.decode("utf-8", "replace")
+            for name, raw_name in _RAW_NAMES
+            if (raw := by_name.get(raw_name)) is not None
         }
     values: dict[str, str] = {}
     for name, value in headers.items():
@@ -383,10 +407,11 @@ def _tokenlay_headers(headers: Mapping[str, str]) -> dict[str, str]:
             lowered = name.lower()
             if lowered.startswith(HEADER_PREFIX):
                 values[lowered] = value
-    return values
+    return values or None
 
 
 _second = operator.itemgetter(1)
+_third = operator.itemgetter(2)
 
 
 def _is_triple(item: object) -> bool:
@@ -407,26 +432,11 @@ def parse_response_headers(headers: Mapping[str, str]) -> TokenlayResponseMetada
     except Exception:  # a foreign mapping may fail while iterating; treat as no headers
         _log.debug("could not read response headers", exc_info=True)
         return None
-    if not values:
+    if values is None:
         return None
-
-    return TokenlayResponseMetadata(
-        rule_id=_field(values, "rule-id", _parse_text),
-        rule_action=_field(values, "rule-action", _parse_action),
-        limit_exceeded=_field(values, "limit-exceeded", _parse_bool),
-        cost=_field(values, "cost", _parse_float),
-        tokens_used=_field(values, "tokens-used", _parse_int),
-        input_tokens=_field(values, "input-tokens", _parse_int),
-        output_tokens=_field(values, "output-tokens", _parse_int),
-        duration_ms=_field(values, "duration", _parse_int),
-        warnings=_field(values, "warnings", _parse_warnings),
-        model=_field(values, "model", _parse_text),
-    )
-
-
-def _field(
-    values: Mapping[str, str], suffix: str, parse: Callable[[str, str], _T | None]
-) -> _T | None:
-    header = HEADER_PREFIX + suffix
-    value = values.get(header)
-    return None if value is None else parse(header, value)
+    fields: dict[str, Any] = {}
+    for header, value in values.items():
+        known = _FIELDS.get(header)
+        if known is not None:
+            fields[known[0]] = known[1](header, value)
+    return TokenlayResponseMetadata(**fields)
