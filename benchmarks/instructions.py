@@ -22,6 +22,7 @@ import argparse
 import functools
 import gc
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -159,7 +160,10 @@ def main() -> int:
             f"--callgrind-out-file={tmp}/cg.out",
             sys.executable, __file__, "--child", *forwarded,
         ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        # A fixed hash seed: string hashes decide how dicts and sets probe, so a random
+        # one gives each run slightly different work (see the README for how much).
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             print(done.stderr[-3000:], file=sys.stderr)
             return done.returncode

@@ -40,16 +40,11 @@ from typing import Any
 import httpx2
 
 from tokenlay_otel._protocol import build_request_headers, proxy_url
+from tokenlay_otel.proxy.local import free_port
 
 KEY = "tl-load-key"
 USERS = 1000
 MESSAGES = [{"role": "user", "content": "Say something short about load testing."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:

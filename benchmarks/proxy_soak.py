@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,14 +28,9 @@ from collections import Counter
 from pathlib import Path
 
 from tokenlay_otel import AsyncTokenlayOpenAI, get_tokenlay_metadata, metadata
+from tokenlay_otel.proxy.local import free_port
 
 KEY = "tl-soak-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_kib(pid: int) -> int:

@@ -14,15 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tokenlay_otel.proxy import ProxyConfig
-from tokenlay_otel.proxy.local import local_proxy
+from tokenlay_otel.proxy.local import free_port, local_proxy
 
 PROXY_KEY = "tl-proxy-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, timeout: float = 20) -> None:

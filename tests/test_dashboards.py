@@ -7,7 +7,6 @@ import contextlib
 import importlib.util
 import json
 import re
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tokenlay_otel import TokenlayInstrumentor, TokenlayOpenAI, metadata
 from tokenlay_otel._config import Settings
-from tokenlay_otel.proxy.local import DEFAULT_LOCAL_KEY, local_proxy
+from tokenlay_otel.proxy.local import DEFAULT_LOCAL_KEY, free_port, local_proxy
 
 ROOT = Path(__file__).parent.parent
 STACK = ROOT / "deploy" / "grafana"
@@ -31,16 +30,10 @@ DASHBOARDS = sorted((STACK / "grafana" / "dashboards").glob("*.json"))
 VARIABLES = {"$__rate_interval": "5m", "$__range": "1h", "$__interval": "1m"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def scraped() -> dict[str, set[str]]:
     """Sample name -> label names, from a scrape after a realistic mix of calls."""
-    port = _free_port()
+    port = free_port()
     http_server, _ = start_http_server(port, addr="127.0.0.1")
     reader = PrometheusMetricReader()
     meters = MeterProvider(metric_readers=[reader])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import urllib.request
 
 import openai
@@ -16,6 +15,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from tokenlay_otel import TokenlayInstrumentor, metadata
 from tokenlay_otel._config import Settings
+from tokenlay_otel.proxy.local import free_port
 from tokenlay_otel.testing import FakeOpenAIServer
 
 from .conftest import PROVIDER_KEY, TOKENLAY_KEY
@@ -83,17 +83,11 @@ def test_otlp_grpc_receiver_gets_spans_and_metrics_with_exemplars(
     assert list(duration_point.explicit_bounds)[:3] == [0.01, 0.02, 0.04]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_prometheus_exporter_shows_cost_and_token_series(server: FakeOpenAIServer) -> None:
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from prometheus_client import start_http_server
 
-    port = _free_port()
+    port = free_port()
     http_server, _thread = start_http_server(port, addr="127.0.0.1")
     reader = PrometheusMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])

@@ -15,12 +15,13 @@ from typing import Any
 from .rules import Rule, load_rules
 from .store import SQLiteStore, UsageStore
 
-__all__ = ["DEFAULT_LOCAL_KEY", "local_proxy", "tokenlay_or_local"]
+__all__ = ["DEFAULT_LOCAL_KEY", "free_port", "local_proxy", "tokenlay_or_local"]
 
 DEFAULT_LOCAL_KEY = "tl-local-key"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -56,7 +57,7 @@ def local_proxy(
             keys=frozenset(keys), rules=loaded, store=store, mock_upstream=mock_upstream, **config
         )
     )
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="tokenlay-local-proxy", daemon=True)
     thread.start()
