@@ -137,6 +137,8 @@ class RequestCounts:
         self._lock = threading.Lock()
 
     def add(self, sets: _AttributeSets, context: Context | None = None) -> None:
+        # ``context`` matches the synchronous counter's signature; it would only have
+        # served exemplars.
         key = sets.requests_key
         with self._lock:
             count = self._counts.get(key)
