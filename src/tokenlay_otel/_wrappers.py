@@ -26,7 +26,7 @@ from ._protocol import (
     validate_metadata,
 )
 from ._responses import remember
-from ._safety import guard, log
+from ._safety import internal_error, log
 from ._streams import wrap_result
 from ._telemetry import LLMCall, Telemetry
 
@@ -74,15 +74,17 @@ class _Request:
 
     def detach(self) -> None:
         if self.llm is not None:
-            with guard("detaching the span context"):
+            try:
                 self.llm.detach()
+            except Exception:
+                internal_error("detaching the span context")
 
     def failed(self, exc: BaseException) -> None:
         if self.llm is not None:
             self.llm.fail(exc)
 
     def finished(self, result: Any) -> Any:
-        with guard("recording the response"):
+        try:
             if self.llm is None:
                 headers = getattr(self.http_response, "headers", None)
                 if headers is not None:
@@ -92,6 +94,8 @@ class _Request:
             return wrap_result(
                 self.llm, result, streaming=self.streaming, hide_usage=self.hide_usage
             )
+        except Exception:
+            internal_error("recording the response")
         if self.llm is not None:  # our failure: end the span, return the call's result as is
             self.llm.end()
         return result
@@ -239,8 +243,10 @@ def _start(
         if routed and route is not None:
             headers = _routed_headers(client, route, caller_rest, metadata, provider_base)
             if llm is not None:
-                with guard("propagating the trace context"):
+                try:
                     headers.update(llm.trace_headers())
+                except Exception:
+                    internal_error("propagating the trace context")
             update["url"] = proxy_url(route.tokenlay_base_url, url)
             update["headers"] = headers
         return (options.model_copy(update=update) if update else options), request
@@ -272,9 +278,11 @@ def _start_span(
         provider_base=provider_base,
         routed=routed,
     )
-    with guard("starting the span"):
+    try:
         llm.start()
         return llm
+    except Exception:
+        internal_error("starting the span")
     llm.detach()
     llm.end()
     return None
@@ -289,21 +297,25 @@ def _begin(
 ) -> tuple[tuple[Any, ...], dict[str, Any], _Request | None]:
     options, in_kwargs = _bind(args, kwargs)
     split: tuple[dict[str, object], dict[str, object]] | None = None
-    with guard("reading the caller's headers"):
+    try:
         caller_headers = options.headers if isinstance(options.headers, Mapping) else {}
         split = split_caller_headers(caller_headers, bare_fields=route is not None)
+    except Exception:
+        internal_error("reading the caller's headers")
     if split is not None:
         fields, rest = split
         # Caller input on a drop-in client: a bad value is the caller's error to see,
         # raised before anything is sent. Elsewhere bad fields are dropped (logged).
         per_request = validate_metadata(fields) if route is not None and route.strict else None
-        with guard("routing the call"):
+        try:
             if per_request is None:
                 per_request = _drop_bad(fields)
             new_options, request = _start(client, route, telemetry, options, per_request, rest)
             if route is not None and route.fail_open and new_options is not options:
                 request.fallback = (args, kwargs)
             return (*_rebind(args, kwargs, new_options, in_kwargs), request)
+        except Exception:
+            internal_error("routing the call")
     if route is not None:
         log.warning("tokenlay_otel: could not route a call through Tokenlay; sent it unrouted")
     return args, kwargs, None  # our own failure: the call goes ahead as the caller made it
