@@ -81,6 +81,16 @@ def test_otlp_grpc_receiver_gets_spans_and_metrics_with_exemplars(
         assert point.exemplars[0].trace_id == span.trace_id
         assert point.exemplars[0].span_id == span.span_id
     assert list(duration_point.explicit_bounds)[:3] == [0.01, 0.02, 0.04]
+    # Counted by us and observed at collection: it reaches the backend as a counter too.
+    requests = metrics["tokenlay.client.requests"].sum
+    assert requests.is_monotonic
+    (request_point,) = requests.data_points
+    assert request_point.as_int == 1
+    request_attrs = attrs(request_point.attributes)
+    assert (request_attrs["tokenlay.user"], request_attrs["tokenlay.rule.action"]) == (
+        "u-otlp",
+        "none",
+    )
 
 
 def test_prometheus_exporter_shows_cost_and_token_series(server: FakeOpenAIServer) -> None:
