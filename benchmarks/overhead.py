@@ -727,25 +727,28 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
     # Per chunk, openai's own SSE parsing costs ~150 us, so our sub-microsecond share
     # drowns in run-to-run noise end to end. It is measured in isolation instead: the
     # stream proxy over pre-parsed chunks against the bare iterator.
-    per_chunk = {n: isolated_chunk_us(n) for n in (20, 2000)}
-    slope = (per_chunk[2000][1] - per_chunk[20][1]) / (2000 - 20)
-    for n, (per, total) in per_chunk.items():
-        print(
-            f"{n:>5} chunks: {total:8.1f} us per stream over the bare iterator, {per:.2f} us/chunk"
-        )
-    print(f"marginal cost of a chunk (20 -> 2000): {slope:.2f} us")
-    out["isolated_chunks"] = {str(n): v for n, v in per_chunk.items()}
-    out["per_chunk_us"] = slope
+    for kind, is_async in (("sync", False), ("async", True)):
+        per_chunk = {n: isolated_chunk_us(n, is_async) for n in (20, 2000)}
+        slope = (per_chunk[2000][1] - per_chunk[20][1]) / (2000 - 20)
+        for n, (per, total) in per_chunk.items():
+            print(
+                f"{kind:>5} {n:>5} chunks: {total:8.1f} us per stream over the bare"
+                f" iterator, {per:.2f} us/chunk"
+            )
+        print(f"{kind:>5} marginal cost of a chunk (20 -> 2000): {slope:.2f} us")
+        out[f"isolated_chunks_{kind}"] = {str(n): v for n, v in per_chunk.items()}
+        out[f"per_chunk_us_{kind}"] = slope
     return out
 
 
-def isolated_chunk_us(chunks: int) -> tuple[float, float]:
-    """(us per chunk, us per stream) that ``TracedStream`` adds over iterating the same
-    parsed chunks, span start and end included (SDK providers as in the main run)."""
+def isolated_chunk_us(chunks: int, is_async: bool = False) -> tuple[float, float]:
+    """(us per chunk, us per stream) that ``TracedStream`` (``TracedAsyncStream``) adds
+    over iterating the same parsed chunks, span start and end included (SDK providers
+    as in the main run)."""
     from openai.types.chat import ChatCompletionChunk
 
     from tokenlay_otel._attributes import endpoint_for
-    from tokenlay_otel._streams import TracedStream, _StreamState
+    from tokenlay_otel._streams import TracedAsyncStream, TracedStream, _StreamState
     from tokenlay_otel._telemetry import LLMCall
     from tokenlay_otel._telemetry import Telemetry as Recorder
 
@@ -759,6 +762,8 @@ def isolated_chunk_us(chunks: int) -> tuple[float, float]:
     assert endpoint is not None
 
     class Source:
+        """A stream over the parsed chunks, iterable both ways like openai's."""
+
         def __init__(self) -> None:
             self.chunks = iter(parsed)
 
@@ -768,25 +773,53 @@ def isolated_chunk_us(chunks: int) -> tuple[float, float]:
         def __next__(self) -> Any:
             return next(self.chunks)
 
+        def __aiter__(self) -> Source:
+            return self
+
+        async def __anext__(self) -> Any:
+            for chunk in self.chunks:
+                return chunk
+            raise StopAsyncIteration
+
         def close(self) -> None:
             pass
 
-    def bare() -> None:
-        for _ in Source():
-            pass
-
-    def traced() -> None:
+    def stream() -> Any:
         call = LLMCall(
             recorder, endpoint, body={"model": MODEL, "stream": True}, metadata={},
             provider_base="https://api.openai.com/v1", routed=False,
         )  # fmt: skip
         call.start()
         call.detach()
-        for _ in TracedStream(Source(), _StreamState(call, hide_usage=True)):
-            pass
+        proxy = TracedAsyncStream if is_async else TracedStream
+        return proxy(Source(), _StreamState(call, hide_usage=True))
+
+    if is_async:
+        loop = asyncio.new_event_loop()
+
+        async def drain(source: Any) -> None:
+            async for _ in source:
+                pass
+
+        def bare() -> None:
+            loop.run_until_complete(drain(Source()))
+
+        def traced() -> None:
+            loop.run_until_complete(drain(stream()))
+    else:
+
+        def bare() -> None:
+            for _ in Source():
+                pass
+
+        def traced() -> None:
+            for _ in stream():
+                pass
 
     repeats = max(3, 20_000 // chunks)
     total = tight_loop_us(traced, repeats) - tight_loop_us(bare, repeats)
+    if is_async:
+        loop.close()
     return total / chunks, total
 
 

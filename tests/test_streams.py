@@ -232,23 +232,110 @@ def test_multiple_choices_stream(
     assert attrs["gen_ai.request.choice.count"] == 2
 
 
-def test_stream_cut_by_the_server(
-    client: openai.OpenAI, server: FakeOpenAIServer, telemetry: SpanCapture
-) -> None:
+def _cut_after_two_chunks(server: FakeOpenAIServer) -> None:
     server.reply(
         Reply(
             events=[_chunk({"role": "assistant", "content": "a"}) for _ in range(5)],
             disconnect_after=2,
         )
     )
+
+
+def _assert_cut(telemetry: SpanCapture, received: list, error: BaseException) -> None:
+    assert len(received) == 2
+    span = telemetry.only_span()
+    assert span.status.status_code.name == "ERROR"
+    # httpx or httpx2, by openai version
+    expected = type(error).__module__.split(".")[0] + "." + type(error).__qualname__
+    assert span.attributes["error.type"] == expected
+
+
+def test_stream_cut_by_the_server(
+    client: openai.OpenAI, server: FakeOpenAIServer, telemetry: SpanCapture
+) -> None:
+    _cut_after_two_chunks(server)
     received = []
     with pytest.raises(Exception) as info:  # noqa: PT011  # httpx or httpx2, by openai version
         for chunk in stream(client):
             received.append(chunk)
-    assert len(received) == 2
-    span = telemetry.only_span()
-    assert span.status.status_code.name == "ERROR"
-    assert (
-        span.attributes["error.type"]
-        == type(info.value).__module__.split(".")[0] + "." + type(info.value).__qualname__
+    _assert_cut(telemetry, received, info.value)
+
+
+# The async stream proxy: the exits the sync tests above cover must end its span
+# exactly once too.
+
+
+@pytest.fixture
+def aclient(server: FakeOpenAIServer, instrument) -> openai.AsyncOpenAI:
+    instrument(TOKENLAY_KEY=TOKENLAY_KEY, TOKENLAY_BASE_URL=server.url)
+    return openai.AsyncOpenAI(
+        api_key=PROVIDER_KEY, base_url="https://api.openai.com/v1", max_retries=0
     )
+
+
+async def astream(client: openai.AsyncOpenAI):  # type: ignore[no-untyped-def]
+    return await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+
+
+def test_async_anext_then_loop_sees_each_chunk_once(
+    aclient: openai.AsyncOpenAI, telemetry: SpanCapture
+) -> None:
+    async def main() -> list[str]:
+        s = await astream(aclient)
+        first = await s.__anext__()
+        rest = [c async for c in s]
+        assert [c async for c in s] == []  # a second loop continues where it stopped
+        return [c.choices[0].delta.content or "" for c in (first, *rest)]
+
+    texts = asyncio.run(main())
+    assert "".join(texts) == "".join(WORDS)
+    span = telemetry.only_span()
+    assert span.attributes["gen_ai.usage.output_tokens"] == 5
+
+
+def test_async_exception_in_the_callers_loop(
+    aclient: openai.AsyncOpenAI, telemetry: SpanCapture
+) -> None:
+    async def main() -> None:
+        s = await astream(aclient)
+        async for _ in s:
+            raise KeyError("caller bug")
+
+    with pytest.raises(KeyError, match="caller bug"):
+        asyncio.run(main())
+    gc.collect()
+    span = telemetry.only_span()
+    assert span.status.is_ok  # the caller's bug is not the LLM call's error
+
+
+def test_async_break_and_drop_the_reference(
+    aclient: openai.AsyncOpenAI, telemetry: SpanCapture
+) -> None:
+    async def main() -> None:
+        s = await astream(aclient)
+        async for _ in s:
+            break
+        assert telemetry.spans() == []
+        del s
+        gc.collect()
+        await asyncio.sleep(0)  # the loop closes the abandoned generator
+        gc.collect()
+        assert len(telemetry.spans()) == 1
+
+    asyncio.run(main())
+    assert len(telemetry.spans()) == 1
+
+
+def test_async_stream_cut_by_the_server(
+    aclient: openai.AsyncOpenAI, server: FakeOpenAIServer, telemetry: SpanCapture
+) -> None:
+    _cut_after_two_chunks(server)
+    received = []
+
+    async def main() -> None:
+        async for chunk in await astream(aclient):
+            received.append(chunk)
+
+    with pytest.raises(Exception) as info:  # noqa: PT011  # httpx or httpx2, by openai version
+        asyncio.run(main())
+    _assert_cut(telemetry, received, info.value)
