@@ -66,10 +66,7 @@ def child(args: argparse.Namespace) -> None:
             replay = bench.floor_call(telemetry, providers)
             in_call = bench.with_replay(scenario, replay)
             calls = args.calls
-
-            def run(s: Any = scenario, n: int = calls) -> None:
-                bench.run_calls(s, n)
-
+            run = functools.partial(bench.run_calls, scenario, calls)
             sections: list[tuple[str, Callable[[], object], Any]] = [
                 ("none", run, None),
                 (bench.FLOOR, functools.partial(bench.floor_us, replay, calls), None),

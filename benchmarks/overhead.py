@@ -794,31 +794,25 @@ def isolated_chunk_us(chunks: int, is_async: bool = False) -> tuple[float, float
         proxy = TracedAsyncStream if is_async else TracedStream
         return proxy(Source(), _StreamState(call, hide_usage=True))
 
-    if is_async:
-        loop = asyncio.new_event_loop()
+    loop = asyncio.new_event_loop()
 
-        async def drain(source: Any) -> None:
-            async for _ in source:
-                pass
+    async def adrain(source: Any) -> None:
+        async for _ in source:
+            pass
 
-        def bare() -> None:
-            loop.run_until_complete(drain(Source()))
-
-        def traced() -> None:
-            loop.run_until_complete(drain(stream()))
-    else:
-
-        def bare() -> None:
-            for _ in Source():
-                pass
-
-        def traced() -> None:
-            for _ in stream():
+    def drain(source: Any) -> None:
+        if is_async:
+            loop.run_until_complete(adrain(source))
+        else:
+            for _ in source:
                 pass
 
     repeats = max(3, 20_000 // chunks)
-    total = tight_loop_us(traced, repeats) - tight_loop_us(bare, repeats)
-    if is_async:
+    try:
+        total = tight_loop_us(lambda: drain(stream()), repeats) - tight_loop_us(
+            lambda: drain(Source()), repeats
+        )
+    finally:
         loop.close()
     return total / chunks, total
 

@@ -298,14 +298,17 @@ def test_async_exception_in_the_callers_loop(
 ) -> None:
     async def main() -> None:
         s = await astream(aclient)
-        async for _ in s:
-            raise KeyError("caller bug")
+        with pytest.raises(KeyError, match="caller bug"):
+            async for _ in s:
+                raise KeyError("caller bug")
+        assert telemetry.spans() == []  # the caller still holds the stream
+        del s
+        gc.collect()
+        span = telemetry.only_span()
+        assert span.status.is_ok  # the caller's bug is not the LLM call's error
 
-    with pytest.raises(KeyError, match="caller bug"):
-        asyncio.run(main())
-    gc.collect()
-    span = telemetry.only_span()
-    assert span.status.is_ok  # the caller's bug is not the LLM call's error
+    asyncio.run(main())
+    assert len(telemetry.spans()) == 1
 
 
 def test_async_break_and_drop_the_reference(

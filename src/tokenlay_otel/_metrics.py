@@ -116,8 +116,7 @@ _SETS_LIMIT = 2048
 #: Attribute sets ``RequestCounts`` keeps apart, as the SDK's default cardinality limit
 #: does for a synchronous counter; later sets are counted in the overflow point.
 _COUNTS_LIMIT = 2000
-_OVERFLOW: dict[str, Any] = {"otel.metric.overflow": True}
-_OVERFLOW_KEY = frozenset(_OVERFLOW.items())
+_OVERFLOW_KEY = frozenset({("otel.metric.overflow", True)})
 
 
 class RequestCounts:
@@ -129,11 +128,12 @@ class RequestCounts:
     what is given up is exemplars on this one counter, which no panel reads (cost and
     duration keep theirs)."""
 
-    __slots__ = ("__weakref__", "_attributes", "_counts", "_lock")
+    __slots__ = ("_counts", "_lock")
 
     def __init__(self) -> None:
+        # Keyed by the attribute set's items: the attributes are the key, read back at
+        # collection (rare) rather than kept twice.
         self._counts: dict[frozenset[tuple[str, Any]], int] = {}
-        self._attributes: dict[frozenset[tuple[str, Any]], Mapping[str, Any]] = {}
         self._lock = threading.Lock()
 
     def add(self, sets: _AttributeSets, context: Context | None = None) -> None:
@@ -142,20 +142,15 @@ class RequestCounts:
         key = sets.requests_key
         with self._lock:
             count = self._counts.get(key)
-            if count is None:
-                if len(self._counts) >= _COUNTS_LIMIT:
-                    key, attributes = _OVERFLOW_KEY, _OVERFLOW
-                else:
-                    attributes = sets.requests
-                self._attributes.setdefault(key, attributes)
-                count = self._counts.get(key, 0)
-            self._counts[key] = count + 1
+            if count is None and len(self._counts) >= _COUNTS_LIMIT:
+                key = _OVERFLOW_KEY
+                count = self._counts.get(key)
+            self._counts[key] = (count or 0) + 1
 
     def observe(self, options: CallbackOptions) -> list[Observation]:
         with self._lock:
             counts = list(self._counts.items())
-        attributes = self._attributes
-        return [Observation(count, attributes[key]) for key, count in counts]
+        return [Observation(count, dict(key)) for key, count in counts]
 
 
 #: One ``RequestCounts`` per SDK instrument: the SDK hands back the instrument it already
