@@ -101,9 +101,35 @@ def totals(directory: Path) -> list[int]:
     return found
 
 
+def under_callgrind(
+    script: str, forwarded: list[str]
+) -> tuple[list[tuple[Any, ...]], list[int]] | int:
+    """Run ``script --child`` under callgrind: the plan its child printed (its last
+    line, JSON) and the instructions of each counted section; an exit code on failure."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [
+            valgrind, "--tool=callgrind", "--collect-atstart=no",
+            "--toggle-collect=functools_reduce", "--dump-after=functools_reduce",
+            f"--callgrind-out-file={tmp}/cg.out",
+            sys.executable, script, "--child", *forwarded,
+        ]  # fmt: skip
+        # A fixed hash seed: string hashes decide how dicts and sets probe, so a random
+        # one gives each run slightly different work (see the README for how much).
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            return done.returncode
+        plan = [tuple(item) for item in json.loads(done.stdout.strip().splitlines()[-1])]
+        # Libraries may call reduce() at import time too: ours are the last dumps.
+        return plan, totals(Path(tmp))[-len(plan) :]
+
+
 def report(plan: list[tuple[str, str, int]], counts: list[int]) -> dict[str, Any]:
-    # Libraries may call reduce() at import time too: ours are the last dumps.
-    counts = counts[-len(plan) :]
     results: dict[str, Any] = {}
     for (scenario, label, calls), count in zip(plan, counts, strict=True):
         results.setdefault(scenario, {})[label] = count / calls
@@ -131,45 +157,39 @@ def report(plan: list[tuple[str, str, int]], counts: list[int]) -> dict[str, Any
     return results
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=60, help="counted calls per section")
+def command_line(
+    script: str,
+    parser: argparse.ArgumentParser,
+    child: Callable[[argparse.Namespace], None],
+    report: Callable[[Any, list[int]], dict[str, Any]],
+) -> int:
+    """A counting script's main: ``child`` under callgrind, then ``report`` its counts.
+
+    ``parser`` has the script's own options; the shared ones are added here."""
     parser.add_argument("--chunks", type=int, default=20)
     parser.add_argument("--only", help="run the scenarios whose name contains this")
-    parser.add_argument("--no-references", action="store_true", help="tokenlay only")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return 0
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
-        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
-        return 2
-    forwarded = [a for a in sys.argv[1:] if not a.startswith("--json")]
-    if args.json:
-        forwarded = [a for a in forwarded if a != args.json]
-    with tempfile.TemporaryDirectory() as tmp:
-        command = [
-            valgrind, "--tool=callgrind", "--collect-atstart=no",
-            "--toggle-collect=functools_reduce", "--dump-after=functools_reduce",
-            f"--callgrind-out-file={tmp}/cg.out",
-            sys.executable, __file__, "--child", *forwarded,
-        ]  # fmt: skip
-        # A fixed hash seed: string hashes decide how dicts and sets probe, so a random
-        # one gives each run slightly different work (see the README for how much).
-        env = {**os.environ, "PYTHONHASHSEED": "0"}
-        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-        if done.returncode != 0:
-            print(done.stderr[-3000:], file=sys.stderr)
-            return done.returncode
-        plan = [tuple(item) for item in json.loads(done.stdout.strip().splitlines()[-1])]
-        results = report(plan, totals(Path(tmp)))  # type: ignore[arg-type]
+    forwarded = [a for a in sys.argv[1:] if a != "--json" and a != args.json]
+    found = under_callgrind(script, forwarded)
+    if isinstance(found, int):
+        return found
+    results = report(*found)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=60, help="counted calls per section")
+    parser.add_argument("--no-references", action="store_true", help="tokenlay only")
+    return command_line(__file__, parser, child, report)
 
 
 if __name__ == "__main__":

@@ -354,37 +354,76 @@ def capture(scenario: Scenario, instrumentation: Instrumentation) -> Telemetry:
     return Telemetry(span, starts.at_start[span.context.span_id], records)
 
 
+@dataclass
+class Replay:
+    """What a floor replay records: one span and the metric records, as plain data."""
+
+    name: str
+    start_attributes: dict[str, Any]
+    end_attributes: dict[str, Any]
+    events: list[tuple[str, dict[str, Any]]]
+    records: list[tuple[str, str, float, dict[str, Any]]]
+    span: bool = True  # False: the records only, in a sampled span's context
+
+
+def replay_of(telemetry: Telemetry) -> Replay:
+    span = telemetry.span
+    start = telemetry.start_attributes
+    return Replay(
+        name=span.name,
+        start_attributes=dict(start),
+        end_attributes={k: v for k, v in (span.attributes or {}).items() if k not in start},
+        events=[(e.name, dict(e.attributes or {})) for e in span.events],
+        records=list(telemetry.records),
+    )
+
+
 def floor_call(
-    telemetry: Telemetry, providers: tuple[TracerProvider, MeterProvider]
+    telemetry: Telemetry | Replay, providers: tuple[TracerProvider, MeterProvider]
 ) -> Callable[[], None]:
     """Record ``telemetry`` straight into the SDK, as cheaply as the SDK allows."""
+    plan = telemetry if isinstance(telemetry, Replay) else replay_of(telemetry)
     tracer = providers[0].get_tracer("floor")
     meter = providers[1].get_meter("floor")
     instruments: dict[str, Histogram | Counter] = {}
-    for name, kind, _, _ in telemetry.records:
+    for name, kind, _, _ in plan.records:
         if name not in instruments:
             create = meter.create_histogram if kind == "histogram" else meter.create_counter
             instruments[name] = create(name)
     records = [
         (instruments[name].record if kind == "histogram" else instruments[name].add, value, attrs)  # type: ignore[union-attr]
-        for name, kind, value, attrs in telemetry.records
+        for name, kind, value, attrs in plan.records
     ]
-    span_data = telemetry.span
-    start_attrs = telemetry.start_attributes
-    end_attrs = {k: v for k, v in (span_data.attributes or {}).items() if k not in start_attrs}
-    events = [(e.name, dict(e.attributes or {})) for e in span_data.events]
+    name, start_attrs, end_attrs, events = (
+        plan.name, plan.start_attributes, plan.end_attributes, plan.events,
+    )  # fmt: skip
 
     def replay() -> None:
-        span = tracer.start_span(span_data.name, kind=SpanKind.CLIENT, attributes=start_attrs)
-        for name, attrs in events:
-            span.add_event(name, attrs)
+        span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes=start_attrs)
+        for event, attrs in events:
+            span.add_event(event, attrs)
         span.set_attributes(end_attrs)
         span.end()
         context = trace.set_span_in_context(span)
         for record, value, attrs in records:
             record(value, attrs, context=context)
 
-    return replay
+    if plan.span:
+        return replay
+    sampled = trace.set_span_in_context(
+        trace.NonRecordingSpan(
+            trace.SpanContext(
+                0x0AF7651916CD43DD8448EB211C80319C, 0x00F067AA0BA902B7, False,
+                trace.TraceFlags(trace.TraceFlags.SAMPLED),
+            )
+        )
+    )  # fmt: skip
+
+    def records_only() -> None:
+        for record, value, attrs in records:
+            record(value, attrs, context=sampled)
+
+    return records_only
 
 
 def with_replay(scenario: Scenario, replay: Callable[[], None]) -> Scenario:
