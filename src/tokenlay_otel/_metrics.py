@@ -29,6 +29,7 @@ from ._attributes import (
     RULE_ACTION,
     metadata_attribute,
 )
+from ._fork import renew_after_fork
 from ._version import __version__
 
 __all__ = [
@@ -58,11 +59,15 @@ _REQUESTS_DESCRIPTION = "LLM calls, by proxy decision and cost source"
 class ValueCap:
     """Lets through the first ``limit`` distinct values, then answers ``_other``."""
 
-    __slots__ = ("_limit", "_lock", "_seen")
+    __slots__ = ("__weakref__", "_limit", "_lock", "_seen")
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._seen: set[str] = set()
+        self._lock = threading.Lock()
+        renew_after_fork(self)
+
+    def _after_fork(self) -> None:
         self._lock = threading.Lock()
 
     def __call__(self, value: str) -> str:
@@ -128,12 +133,17 @@ class RequestCounts:
     what is given up is exemplars on this one counter, which no panel reads (cost and
     duration keep theirs)."""
 
-    __slots__ = ("_counts", "_lock")
+    __slots__ = ("__weakref__", "_counts", "_lock")
 
     def __init__(self) -> None:
         # Keyed by the attribute set's items: the attributes are the key, read back at
         # collection (rare) rather than kept twice.
         self._counts: dict[frozenset[tuple[str, Any]], int] = {}
+        self._lock = threading.Lock()
+        renew_after_fork(self)
+
+    def _after_fork(self) -> None:
+        # The counts stay, as the SDK's own aggregations do in a forked child.
         self._lock = threading.Lock()
 
     def add(self, sets: _AttributeSets, context: Context | None = None) -> None:

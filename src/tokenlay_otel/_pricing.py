@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ._attributes import Usage
+from ._fork import renew_after_fork
 from ._safety import log
 
 __all__ = ["CostSource", "ModelRates", "PriceBook", "load_price_overrides", "warm_up"]
@@ -167,6 +168,10 @@ class PriceBook:
     def __init__(self, overrides: Mapping[str, ModelRates] | None = None) -> None:
         self._overrides = dict(overrides or {})
         self._cache: dict[tuple[str | None, str], ModelRates | _TieredRates | None] = {}
+        self._lock = threading.Lock()
+        renew_after_fork(self)
+
+    def _after_fork(self) -> None:
         self._lock = threading.Lock()
 
     def rates(self, model: str, provider_url: str | None) -> ModelRates | _TieredRates | None:

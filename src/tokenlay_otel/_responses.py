@@ -7,6 +7,7 @@ is never modified.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from typing import Any
@@ -17,6 +18,15 @@ __all__ = ["get_tokenlay_metadata", "remember"]
 
 _lock = threading.Lock()
 _by_id: dict[int, tuple[weakref.ref[Any], TokenlayResponseMetadata]] = {}
+
+
+def _new_lock() -> None:  # in a forked child: see _fork
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock)
 
 
 def _forget(ref: weakref.ref[Any], key: int) -> None:

@@ -22,6 +22,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
 
+from tokenlay_otel._fork import renew_after_fork
+
 __all__ = ["DEFAULT_LEDGER_PATH", "ENV_LEDGER_PATH", "LedgerSpanExporter", "connect", "row_of"]
 
 _log = logging.getLogger("tokenlay_otel")
@@ -146,6 +148,13 @@ class LedgerSpanExporter(SpanExporter):
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path or os.environ.get(ENV_LEDGER_PATH) or DEFAULT_LEDGER_PATH)
         self._connection: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        renew_after_fork(self)
+
+    def _after_fork(self) -> None:
+        # SQLite forbids using a connection opened before fork() in the child; this one
+        # is left alone (closing it could touch the parent's locks) and a new one opened.
+        self._connection = None
         self._lock = threading.Lock()
 
     def _db(self) -> sqlite3.Connection:
