@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+#: Label prefix of a configuration's own telemetry replayed (its own floor).
+OWN_FLOOR = "own floor: "
 _TOTALS = re.compile(rb"^(?:totals|summary):\s*(\d+)", re.MULTILINE)
 
 
@@ -73,6 +75,14 @@ def child(args: argparse.Namespace) -> None:
                 (bench.FLOOR_IN_CALL, functools.partial(bench.run_calls, in_call, calls), None),
                 *((config.label, run, config) for config in configs),
             ]
+            # Each reference's own telemetry replayed too (see overhead.measure).
+            for config in configs[1:]:
+                try:
+                    own = bench.floor_call(bench.capture(scenario, config), providers)
+                except ValueError:
+                    continue
+                own_floor = functools.partial(bench.floor_us, own, calls)
+                sections.append((f"{OWN_FLOOR}{config.label}", own_floor, None))
             for label, section, config in sections:
                 if config is not None:
                     config.on(providers)
@@ -135,7 +145,7 @@ def report(plan: list[tuple[str, str, int]], counts: list[int]) -> dict[str, Any
         results.setdefault(scenario, {})[label] = count / calls
     print(
         f"{'scenario':<26} {'configuration':<20} {'k instr/call':>12} {'overhead':>9}"
-        f" {'/floor':>7} {'/in-call':>9}"
+        f" {'/floor':>7} {'/in-call':>9} {'own floor':>9} {'-own':>7}"
     )
     from overhead import FLOOR, FLOOR_IN_CALL
 
@@ -146,13 +156,18 @@ def report(plan: list[tuple[str, str, int]], counts: list[int]) -> dict[str, Any
         print(f"{scenario:<26} {'none':<20} {none / 1000:>12.1f}")
         print(f"{'':<26} {FLOOR:<20} {floor / 1000:>12.1f}")
         print(f"{'':<26} {FLOOR_IN_CALL:<20} {'':>12} {in_call / 1000:>9.1f}")
-        for label, count in per_call.items():
-            if label in ("none", FLOOR, FLOOR_IN_CALL):
+        configs = [c for c in per_call if c not in ("none", FLOOR, FLOOR_IN_CALL)]
+        for label in configs:
+            if label.startswith(OWN_FLOOR):
                 continue
-            over = count - none
+            over = per_call[label] - none
+            # The first configuration's telemetry is the floor; the others' were
+            # replayed on their own.
+            own = floor if label == configs[0] else per_call.get(OWN_FLOOR + label)
+            own_text = "" if own is None else f" {own / 1000:>9.1f} {(over - own) / 1000:>7.1f}"
             print(
-                f"{'':<26} {label:<20} {count / 1000:>12.1f} {over / 1000:>9.1f}"
-                f" {over / floor:>7.2f} {over / in_call:>9.2f}"
+                f"{'':<26} {label:<20} {per_call[label] / 1000:>12.1f} {over / 1000:>9.1f}"
+                f" {over / floor:>7.2f} {over / in_call:>9.2f}{own_text}"
             )
     return results
 

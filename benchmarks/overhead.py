@@ -470,6 +470,7 @@ class Row:
     relative: dict[str, list[float]] = field(default_factory=dict)  # label -> ratio
     floor_records: int = 0
     floor_attributes: int = 0
+    own_floors: dict[str, list[float]] = field(default_factory=dict)  # label -> ratio
 
 
 def calibrate(scenario: Scenario, seconds: float, least: int) -> int:
@@ -495,6 +496,15 @@ def measure(
     telemetry = capture(scenario, configs[0])
     replay = floor_call(telemetry, providers)
     floor_us(replay, 200)
+    # Each other configuration's own telemetry, replayed the same way: what the SDK
+    # costs for what *it* emits, so its code's cost can be told from its telemetry's.
+    own_floors = {configs[0].label: replay}
+    for config in configs[1:]:
+        try:
+            own_floors[config.label] = floor_call(capture(scenario, config), providers)
+        except ValueError:  # not exactly one span per call: no floor to compare
+            continue
+        floor_us(own_floors[config.label], 200)
     calls = calibrate(scenario, batch_seconds, least)
     row = Row(
         floor_records=len(telemetry.records),
@@ -506,6 +516,7 @@ def measure(
     # batches around it: a phase scales both sides of the ratio alike.
     in_call = with_replay(scenario, replay)
     items: list[Instrumentation | str] = [*configs, FLOOR, FLOOR_IN_CALL]
+    owns: dict[str, float] = {}
     for r in range(rounds):
         shift = r % len(items)
         gc.collect()
@@ -514,6 +525,7 @@ def measure(
         for item in items[shift:] + items[:shift]:
             if item == FLOOR:
                 label, us = FLOOR, floor_us(replay, calls)
+                owns = {owner: floor_us(own, calls) for owner, own in own_floors.items()}
             elif item == FLOOR_IN_CALL:
                 # The uninstrumented call is in this figure too; summary() takes it off.
                 label, us = FLOOR_IN_CALL, median_call(in_call, calls, users)
@@ -528,7 +540,11 @@ def measure(
             gc.collect()
             after = median_call(scenario, calls, users)
             row.none.append(after)
-            row.relative.setdefault(label, []).append(us / ((before + after) / 2))
+            mean = (before + after) / 2
+            row.relative.setdefault(label, []).append(us / mean)
+            if label == FLOOR:
+                for owner, own_us in owns.items():
+                    row.own_floors.setdefault(owner, []).append(own_us / mean)
             before = after
     return row
 
@@ -561,6 +577,8 @@ def summary(row: Row) -> dict[str, Any]:
             continue
         q1, median, q3 = statistics.quantiles(ratios, n=4)
         overhead = (median - 1) * none
+        own = row.own_floors.get(label)
+        own_floor = statistics.median(own) * none if own else None
         out["overhead_us"][label] = {
             "median": overhead,
             "q1": (q1 - 1) * none,
@@ -571,6 +589,10 @@ def summary(row: Row) -> dict[str, Any]:
             # the in-call floor can drown in that noise, and a ratio to ~0 means nothing.
             "ratio_to_floor_in_call": overhead / in_call if in_call > floor / 2 else None,
             "above_floor_in_call": overhead - in_call,
+            # The SDK's cost of this configuration's own telemetry, and what is left:
+            # its code's cost, whatever it chose to emit.
+            "own_floor": own_floor,
+            "above_own_floor": None if own_floor is None else overhead - own_floor,
         }
     return out
 
@@ -686,6 +708,10 @@ def memory_run(total: int) -> list[tuple[int, int, int]]:
     return samples
 
 
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -694,6 +720,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     print(
         f"{'scenario':<26} {'instrumentation':<20} {'us/call':>8} {'overhead':>9}"
         f" {'(q1-q3)':>13} {'/floor':>7} {'-floor':>7} {'/in-call':>9} {'-in-call':>9}"
+        f" {'own floor':>9} {'-own':>7}"
     )
     for name, data in results.items():
         floor = data["floor_us"]
@@ -710,7 +737,8 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
                 f"{'':<26} {label:<20} {base + o['median']:>8.1f} {o['median']:>9.1f}"
                 f" {o['q1']:>6.0f}-{o['q3']:<6.0f} {o['ratio_to_floor']:>7.2f}"
                 f" {o['above_floor']:>7.1f} {_ratio(o['ratio_to_floor_in_call']):>9}"
-                f" {o['above_floor_in_call']:>9.1f}"
+                f" {o['above_floor_in_call']:>9.1f} {_us(o['own_floor']):>9}"
+                f" {_us(o['above_own_floor']):>7}"
             )
 
 
