@@ -65,7 +65,7 @@ def child(args: argparse.Namespace) -> None:
             if scenario.is_async or (args.only and args.only not in scenario.name):
                 continue
             telemetry = bench.capture(scenario, configs[0])
-            replay = bench.floor_call(telemetry, providers)
+            replay = bench.floor_call(bench.replay_of(telemetry), providers)
             in_call = bench.with_replay(scenario, replay)
             calls = args.calls
             run = functools.partial(bench.run_calls, scenario, calls)
@@ -78,7 +78,9 @@ def child(args: argparse.Namespace) -> None:
             # Each reference's own telemetry replayed too (see overhead.measure).
             for config in configs[1:]:
                 try:
-                    own = bench.floor_call(bench.capture(scenario, config), providers)
+                    own = bench.floor_call(
+                        bench.replay_of(bench.capture(scenario, config)), providers
+                    )
                 except ValueError:
                     continue
                 own_floor = functools.partial(bench.floor_us, own, calls)

@@ -378,11 +378,8 @@ def replay_of(telemetry: Telemetry) -> Replay:
     )
 
 
-def floor_call(
-    telemetry: Telemetry | Replay, providers: tuple[TracerProvider, MeterProvider]
-) -> Callable[[], None]:
-    """Record ``telemetry`` straight into the SDK, as cheaply as the SDK allows."""
-    plan = telemetry if isinstance(telemetry, Replay) else replay_of(telemetry)
+def floor_call(plan: Replay, providers: tuple[TracerProvider, MeterProvider]) -> Callable[[], None]:
+    """Record ``plan`` straight into the SDK, as cheaply as the SDK allows."""
     tracer = providers[0].get_tracer("floor")
     meter = providers[1].get_meter("floor")
     instruments: dict[str, Histogram | Counter] = {}
@@ -471,6 +468,7 @@ class Row:
     floor_records: int = 0
     floor_attributes: int = 0
     own_floors: dict[str, list[float]] = field(default_factory=dict)  # label -> ratio
+    floor_of: str = ""  # the configuration whose telemetry the floor is
 
 
 def calibrate(scenario: Scenario, seconds: float, least: int) -> int:
@@ -494,19 +492,21 @@ def measure(
         run_calls(scenario, least)
         config.off()
     telemetry = capture(scenario, configs[0])
-    replay = floor_call(telemetry, providers)
+    replay = floor_call(replay_of(telemetry), providers)
     floor_us(replay, 200)
     # Each other configuration's own telemetry, replayed the same way: what the SDK
     # costs for what *it* emits, so its code's cost can be told from its telemetry's.
-    own_floors = {configs[0].label: replay}
+    # The first configuration's own floor is the floor.
+    own_floors: dict[str, Callable[[], None]] = {}
     for config in configs[1:]:
         try:
-            own_floors[config.label] = floor_call(capture(scenario, config), providers)
+            own_floors[config.label] = floor_call(replay_of(capture(scenario, config)), providers)
         except ValueError:  # not exactly one span per call: no floor to compare
             continue
         floor_us(own_floors[config.label], 200)
     calls = calibrate(scenario, batch_seconds, least)
     row = Row(
+        floor_of=configs[0].label,
         floor_records=len(telemetry.records),
         floor_attributes=len(telemetry.span.attributes or {}),
     )
@@ -578,7 +578,9 @@ def summary(row: Row) -> dict[str, Any]:
         q1, median, q3 = statistics.quantiles(ratios, n=4)
         overhead = (median - 1) * none
         own = row.own_floors.get(label)
-        own_floor = statistics.median(own) * none if own else None
+        own_floor = (
+            floor if label == row.floor_of else statistics.median(own) * none if own else None
+        )
         out["overhead_us"][label] = {
             "median": overhead,
             "q1": (q1 - 1) * none,

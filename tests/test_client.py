@@ -236,12 +236,12 @@ def test_metadata_is_forgotten_with_the_response(server: FakeOpenAIServer) -> No
 
     server.response_headers["x-tokenlay-rule-id"] = "r"
     client = make_client(server)
-    before = len(_responses._by_id)
+    before = len(_responses._remembered._by_id)
     reply = client.chat.completions.create(model="m", messages=MESSAGES)
-    assert len(_responses._by_id) == before + 1
+    assert len(_responses._remembered._by_id) == before + 1
     del reply
     gc.collect()
-    assert len(_responses._by_id) == before
+    assert len(_responses._remembered._by_id) == before
 
 
 def test_blocked_call_raises_the_usual_openai_error(server: FakeOpenAIServer) -> None:

@@ -132,7 +132,7 @@ def test_response_metadata_in_a_forked_child() -> None:
         if found is None or found.rule_id != "r":
             os._exit(3)
 
-    with held_by_another_thread(_responses._lock):
+    with held_by_another_thread(_responses._remembered._lock):
         code = exit_code_in_child(child)
     assert code == 0
 

@@ -10,27 +10,27 @@ is renewed in the child.
 from __future__ import annotations
 
 import os
+import threading
 import weakref
-from typing import Protocol
+from typing import Any
 
 __all__ = ["renew_after_fork"]
 
-
-class _ForkAware(Protocol):
-    def _after_fork(self) -> None: ...
+_HOLDERS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-_HOLDERS: weakref.WeakSet[_ForkAware] = weakref.WeakSet()
-
-
-def renew_after_fork(holder: _ForkAware) -> None:
-    """Call ``holder._after_fork()`` in every child this process forks from now on."""
+def renew_after_fork(holder: Any) -> None:
+    """Give ``holder`` a new ``_lock`` in every child this process forks from now on,
+    then call its ``_after_fork()`` if it has one (for more to renew)."""
     _HOLDERS.add(holder)
 
 
 def _in_child() -> None:
     for holder in list(_HOLDERS):
-        holder._after_fork()
+        holder._lock = threading.Lock()
+        after = getattr(holder, "_after_fork", None)
+        if after is not None:
+            after()
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork

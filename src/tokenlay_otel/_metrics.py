@@ -67,9 +67,6 @@ class ValueCap:
         self._lock = threading.Lock()
         renew_after_fork(self)
 
-    def _after_fork(self) -> None:
-        self._lock = threading.Lock()
-
     def __call__(self, value: str) -> str:
         if value in self._seen:
             return value
@@ -140,11 +137,7 @@ class RequestCounts:
         # collection (rare) rather than kept twice.
         self._counts: dict[frozenset[tuple[str, Any]], int] = {}
         self._lock = threading.Lock()
-        renew_after_fork(self)
-
-    def _after_fork(self) -> None:
-        # The counts stay, as the SDK's own aggregations do in a forked child.
-        self._lock = threading.Lock()
+        renew_after_fork(self)  # the counts stay, as the SDK's own aggregations do
 
     def add(self, sets: _AttributeSets, context: Context | None = None) -> None:
         # ``context`` matches the synchronous counter's signature; it would only have

@@ -171,9 +171,6 @@ class PriceBook:
         self._lock = threading.Lock()
         renew_after_fork(self)
 
-    def _after_fork(self) -> None:
-        self._lock = threading.Lock()
-
     def rates(self, model: str, provider_url: str | None) -> ModelRates | _TieredRates | None:
         key = (provider_url, model)
         try:

@@ -7,54 +7,56 @@ is never modified.
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from typing import Any
 
+from ._fork import renew_after_fork
 from ._protocol import TokenlayResponseMetadata, parse_response_headers
 
 __all__ = ["get_tokenlay_metadata", "remember"]
 
-_lock = threading.Lock()
-_by_id: dict[int, tuple[weakref.ref[Any], TokenlayResponseMetadata]] = {}
+
+class _Remembered:
+    """Metadata by object identity, each entry dropped when its object is collected."""
+
+    __slots__ = ("__weakref__", "_by_id", "_lock")
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[weakref.ref[Any], TokenlayResponseMetadata]] = {}
+        self._lock = threading.Lock()
+        renew_after_fork(self)
+
+    def forget(self, ref: weakref.ref[Any], key: int) -> None:
+        with self._lock:
+            entry = self._by_id.get(key)
+            if entry is not None and entry[0] is ref:
+                del self._by_id[key]
+
+    def add(self, obj: object, meta: TokenlayResponseMetadata) -> None:
+        key = id(obj)
+        try:
+            ref = weakref.ref(obj, lambda r: self.forget(r, key))
+        except TypeError:  # not weak-referenceable (e.g. None, a str): nothing to attach to
+            return
+        with self._lock:
+            self._by_id[key] = (ref, meta)
+
+    def lookup(self, obj: object) -> TokenlayResponseMetadata | None:
+        with self._lock:
+            entry = self._by_id.get(id(obj))
+        if entry is not None and entry[0]() is obj:
+            return entry[1]
+        return None
 
 
-def _new_lock() -> None:  # in a forked child: see _fork
-    global _lock
-    _lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock)
-
-
-def _forget(ref: weakref.ref[Any], key: int) -> None:
-    with _lock:
-        entry = _by_id.get(key)
-        if entry is not None and entry[0] is ref:
-            del _by_id[key]
+_remembered = _Remembered()
 
 
 def remember(obj: object, meta: TokenlayResponseMetadata | None) -> None:
     """Associate ``meta`` with ``obj`` until ``obj`` is garbage collected."""
-    if meta is None:
-        return
-    key = id(obj)
-    try:
-        ref = weakref.ref(obj, lambda r: _forget(r, key))
-    except TypeError:  # not weak-referenceable (e.g. None, a str): nothing to attach to
-        return
-    with _lock:
-        _by_id[key] = (ref, meta)
-
-
-def _lookup(obj: object) -> TokenlayResponseMetadata | None:
-    with _lock:
-        entry = _by_id.get(id(obj))
-    if entry is not None and entry[0]() is obj:
-        return entry[1]
-    return None
+    if meta is not None:
+        _remembered.add(obj, meta)
 
 
 def _headers_of(obj: object) -> Any:
@@ -79,7 +81,7 @@ def get_tokenlay_metadata(obj: object) -> TokenlayResponseMetadata | None:
         The parsed ``x-tokenlay-*`` headers (for a finished stream, with the cost and
         token counts of its final usage chunk), or ``None`` when the proxy sent none.
     """
-    found = _lookup(obj)
+    found = _remembered.lookup(obj)
     if found is not None:
         return found
     headers = _headers_of(obj)

@@ -155,7 +155,6 @@ class LedgerSpanExporter(SpanExporter):
         # SQLite forbids using a connection opened before fork() in the child; this one
         # is left alone (closing it could touch the parent's locks) and a new one opened.
         self._connection = None
-        self._lock = threading.Lock()
 
     def _db(self) -> sqlite3.Connection:
         if self._connection is None:
