@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 from tokenlay_otel.proxy import ProxyConfig
@@ -33,19 +34,29 @@ def wait_http(url: str, timeout: float = 20) -> None:
 
 @contextmanager
 def proxy_in_thread(config: ProxyConfig) -> Iterator[str]:
+    named = ("keys", "rules", "store", "mock_upstream")
+    options = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in named}
     with local_proxy(
         rules=config.rules,
         keys=tuple(config.keys),
         mock_upstream=config.mock_upstream,
         store=config.store,
-        tracer_provider=config.tracer_provider,
-        meter_provider=config.meter_provider,
+        **options,
     ) as url:
         yield url
 
 
 @contextmanager
 def proxy_process(*args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    with proxy_subprocess(*args, env=env) as (url, _):
+        yield url
+
+
+@contextmanager
+def proxy_subprocess(
+    *args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``tokenlay-otel proxy`` in its own process; (its URL, the process)."""
     port = free_port()
     command = [sys.executable, "-m", "tokenlay_otel.cli", "proxy", "--port", str(port), *args]
     proc = subprocess.Popen(
@@ -62,7 +73,7 @@ def proxy_process(*args: str, env: dict[str, str] | None = None) -> Iterator[str
         proc.kill()
         raise RuntimeError(f"proxy did not start: {proc.communicate()[1]}") from None
     try:
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -37,7 +37,7 @@ RULES = {
             "priority": 5,
             "if": {"plan": "pro"},
             "then": {
-                "limits": [{"type": "cost", "max": 0.0001, "window": "month", "per": "user"}],
+                "limits": [{"type": "cost", "max": 0.001, "window": "month", "per": "user"}],
                 "on_limit_exceeded": {"action": "downgrade", "downgrade_to": "gpt-4o-mini"},
             },
         },
@@ -112,7 +112,8 @@ def test_pro_user_is_downgraded_after_the_spend_cap(proxy: str) -> None:
     c = client(proxy, metadata={"plan": "pro", "user": "pro-1"})
     seen = []
     for _ in range(8):
-        reply = c.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        # max_tokens bounds what each call reserves against the spend cap.
+        reply = c.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=16)
         meta = get_tokenlay_metadata(reply)
         seen.append((reply.model, meta.model, meta.limit_exceeded))
     assert seen[0] == ("gpt-4o", None, False)
@@ -127,7 +128,9 @@ def test_tokens_limit_per_org_with_warning(proxy: str) -> None:
     for i in range(12):
         with metadata(user=f"member-{i}"):
             try:
-                reply = c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+                reply = c.chat.completions.create(
+                    model="gpt-4o-mini", messages=MESSAGES, max_tokens=16
+                )
                 statuses.append(("ok", get_tokenlay_metadata(reply).warnings))
             except openai.RateLimitError:
                 statuses.append(("blocked", None))
@@ -223,7 +226,10 @@ def test_real_upstream_and_its_errors_pass_through(tmp_path: Path) -> None:
 
     with FakeOpenAIServer() as upstream:
         config = ProxyConfig(
-            keys=frozenset({PROXY_KEY}), rules=[], store=SQLiteStore(tmp_path / "u.db")
+            keys=frozenset({PROXY_KEY}),
+            rules=[],
+            store=SQLiteStore(tmp_path / "u.db"),
+            allow_providers=(upstream.url,),
         )
         with proxy_in_thread(config) as url:
             c = TokenlayOpenAI(
@@ -247,7 +253,8 @@ def test_real_upstream_and_its_errors_pass_through(tmp_path: Path) -> None:
             assert "teapot" in info.value.message  # message format differs by openai version
         # Upstream gone: a clear 502.
     with proxy_in_thread(ProxyConfig(keys=frozenset({PROXY_KEY}), rules=[],
-                                     store=SQLiteStore(tmp_path / "u2.db"))) as url:  # fmt: skip
+                                     store=SQLiteStore(tmp_path / "u2.db"),
+                                     allow_providers=("http://127.0.0.1:9",))) as url:  # fmt: skip
         c = TokenlayOpenAI(
             provider_api_key=PROVIDER_KEY,
             provider_api_base="http://127.0.0.1:9/v1",
@@ -352,7 +359,10 @@ def test_streams_are_relayed_without_buffering(tmp_path: Path) -> None:
     with FakeOpenAIServer() as upstream:
         upstream.stream_delay = 0.2
         config = ProxyConfig(
-            keys=frozenset({PROXY_KEY}), rules=[], store=SQLiteStore(tmp_path / "u.db")
+            keys=frozenset({PROXY_KEY}),
+            rules=[],
+            store=SQLiteStore(tmp_path / "u.db"),
+            allow_providers=(upstream.url,),
         )
         with proxy_in_thread(config) as url:
             c = TokenlayOpenAI(

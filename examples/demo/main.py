@@ -50,7 +50,10 @@ def one_line(span: ReadableSpan) -> str:
 
 def call(client: TokenlayOpenAI, label: str, **kwargs: object) -> None:
     try:
-        reply = client.chat.completions.create(model="gpt-4o", messages=QUESTION, **kwargs)  # type: ignore[call-overload]
+        # max_tokens bounds what the proxy reserves against token and spend limits.
+        reply = client.chat.completions.create(
+            model="gpt-4o", messages=QUESTION, max_tokens=40, **kwargs
+        )  # type: ignore[call-overload]
     except openai.RateLimitError as err:
         meta = get_tokenlay_metadata(err)
         print(f"{label:<34} BLOCKED 429 by {meta.rule_id if meta else '?'}: {err.body['message']}")  # type: ignore[index]

@@ -27,9 +27,11 @@ __all__ = [
     "build_request_headers",
     "check_url_security",
     "decode_value",
+    "decode_wire_value",
     "encode_value",
     "field_header",
     "metadata_from_request_headers",
+    "metadata_from_wire",
     "normalize_field_name",
     "parse_metadata_env",
     "parse_response_headers",
@@ -143,6 +145,57 @@ def encode_value(value: str) -> str:
 def decode_value(value: str) -> str:
     """Inverse of :func:`encode_value` (what a proxy does with a metadata header)."""
     return unquote(value, errors="replace") if "%" in value else value
+
+
+def decode_wire_value(raw: bytes) -> str:
+    """A metadata header's bytes as the proxy reads them: one rule for every path.
+
+    The bytes are UTF-8 (a client that sends raw non-ASCII and one that percent-encodes
+    it, as the SDK does, name the same value), then percent-decoded as UTF-8. Values are
+    case-sensitive; HTTP drops surrounding whitespace, so edge spaces exist only when
+    percent-encoded.
+
+    Raises:
+        ValueError: the value is not UTF-8, holds a control character once decoded, or
+            is longer than the protocol allows.
+    """
+    try:
+        text = raw.decode("utf-8")
+        value = unquote(text, errors="strict") if "%" in text else text
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 (send non-ASCII text percent-encoded)") from None
+    if _CONTROL.search(value):
+        raise ValueError("holds a control character")
+    if len(value) > MAX_VALUE_LENGTH:
+        raise ValueError(f"is longer than {MAX_VALUE_LENGTH} characters")
+    return value
+
+
+def metadata_from_wire(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Metadata from raw request headers (lower-case names), as the proxy reads it.
+
+    Raises:
+        ValueError: naming the header that is sent twice or whose value is not valid.
+    """
+    out: dict[str, str] = {}
+    prefix = HEADER_PREFIX.encode()
+    for name, raw in headers:
+        if not name.startswith(prefix):
+            continue
+        lowered = name.decode("latin-1")
+        if lowered in (PROVIDER_KEY_HEADER, PROVIDER_BASE_HEADER):
+            continue
+        try:
+            field = normalize_field_name(lowered[len(HEADER_PREFIX) :])
+        except ValueError:
+            continue
+        if field in out:
+            raise ValueError(f"{lowered} is sent twice")
+        try:
+            out[field] = decode_wire_value(raw)
+        except ValueError as exc:
+            raise ValueError(f"{lowered} {exc}") from None
+    return out
 
 
 def build_request_headers(

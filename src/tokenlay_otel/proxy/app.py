@@ -1,45 +1,50 @@
-"""The Tokenlay-compatible gateway (ASGI, Starlette): auth, rules, forwarding, headers."""
+"""The Tokenlay-compatible gateway as an ASGI app: read and check a request, then hand it
+to a :class:`~.call.Call` that runs where the server's cancellation cannot reach it.
+
+Everything read from the caller is bounded (body size, body time, JSON depth, header
+values) and checked before anything is reserved; from the first reservation on, the
+call belongs to the gateway, which settles it on every exit and waits for it at
+shutdown.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import re
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx2
-from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from opentelemetry.trace import SpanKind
 
-from tokenlay_otel._attributes import Usage
 from tokenlay_otel._pricing import PriceBook
-from tokenlay_otel._protocol import (
-    PROVIDER_BASE_HEADER,
-    PROVIDER_KEY_HEADER,
-    metadata_from_request_headers,
-)
+from tokenlay_otel._protocol import PROVIDER_BASE_HEADER, PROVIDER_KEY_HEADER, metadata_from_wire
 
-from .limits import Decision, Enforcer
+from .call import Call, Incoming, error_body
+from .connect import upstream_transport
+from .limits import Enforcer
 from .mock import mock_transport
+from .providers import AllowList, ProviderError
 from .rules import Rule
 from .store import UsageStore
-from .upstream import StreamTap, body_usage, with_stream_usage
 
 __all__ = ["ProxyConfig", "create_app"]
 
 _log = logging.getLogger("tokenlay_otel.proxy")
-_FORWARDED = ("openai-beta", "openai-organization", "openai-project")
-_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
+ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
+_METHODS = frozenset({"GET", "POST", "DELETE"})
+# A path segment as providers use them (ids, "ft:model:org"); no dot segments.
+_SEGMENT = re.compile(r"[A-Za-z0-9_.~:@!$'()*+,;=-]+")
+_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+
+ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 @dataclass
@@ -54,46 +59,38 @@ class ProxyConfig:
     tracer_provider: trace.TracerProvider | None = None
     meter_provider: metrics.MeterProvider | None = None
     upstream_timeout_s: float = 600.0
+    #: Provider bases allowed besides the public providers (``--allow-provider``).
+    allow_providers: tuple[str, ...] = ()
+    max_body_bytes: int = 32 * 1024 * 1024
+    body_timeout_s: float = 30.0
+    #: A concurrency slot's lease; renewed every third of it while the call runs.
+    lease_s: float = 60.0
+    #: How long, and how many at once, streams the client left are read on for usage.
+    drain_timeout_s: float = 30.0
+    max_drains: int = 64
+    #: Output tokens reserved for a call that states no max_tokens.
+    default_output_tokens: int = 256
+    #: How long shutdown waits for calls in flight before settling them as they are.
+    shutdown_timeout_s: float = 10.0
 
 
-def _error(
-    status: int, message: str, kind: str, code: str | None = None, **headers: str
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "code": code, "param": None}}
-    return JSONResponse(body, status_code=status, headers=headers or None)
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
 
 
-def _decision_headers(decision: Decision, requested_model: str | None) -> dict[str, str]:
-    headers = {"x-tokenlay-rule-action": decision.action}
-    if decision.rule is not None:
-        headers["x-tokenlay-rule-id"] = decision.rule.id
-        headers["x-tokenlay-limit-exceeded"] = "true" if decision.limit_exceeded else "false"
-    if decision.warnings:
-        headers["x-tokenlay-warnings"] = json.dumps(decision.warnings)
-    if decision.model and decision.model != requested_model:
-        headers["x-tokenlay-model"] = decision.model
-    return headers
-
-
-def _usage_headers(usage: Usage | None, cost: float | None, started: float) -> dict[str, str]:
-    headers = {"x-tokenlay-duration": str(int((time.perf_counter() - started) * 1000))}
-    if cost is not None:
-        headers["x-tokenlay-cost"] = f"{cost:.10f}".rstrip("0").rstrip(".") or "0"
-    if usage is not None:
-        if usage.input_tokens is not None:
-            headers["x-tokenlay-input-tokens"] = str(usage.input_tokens)
-        if usage.output_tokens is not None:
-            headers["x-tokenlay-output-tokens"] = str(usage.output_tokens)
-        headers["x-tokenlay-tokens-used"] = str(
-            (usage.input_tokens or 0) + (usage.output_tokens or 0)
-        )
-    return headers
+class ClientGone(Exception):
+    """The client went away before its request was read."""
 
 
 class Gateway:
+    """Owns the store, the upstream client, the telemetry and every call in flight."""
+
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
-        self.enforcer = Enforcer(config.rules, config.store)
+        self.enforcer = Enforcer(config.rules, config.store, lease_s=config.lease_s)
+        self.allow = AllowList.build(config.allow_providers)
         self.tracer = trace.get_tracer(
             "tokenlay_otel.proxy", tracer_provider=config.tracer_provider
         )
@@ -101,263 +98,243 @@ class Gateway:
         self.decisions = meter.create_counter(
             "tokenlay.proxy.decisions", unit="{request}", description="Rule decisions by action"
         )
+        self.settlements = meter.create_counter(
+            "tokenlay.proxy.settlements",
+            unit="{request}",
+            description="Admitted calls settled, by how they ended and where their usage came from",
+        )
         self.upstream_duration = meter.create_histogram(
             "tokenlay.proxy.upstream.duration",
             unit="s",
             description="Time to the upstream's response headers",
-            explicit_bucket_boundaries_advisory=(
-                0.01,
-                0.02,
-                0.04,
-                0.08,
-                0.16,
-                0.32,
-                0.64,
-                1.28,
-                2.56,
-                5.12,
-                10.24,
-                20.48,
-                40.96,
-                81.92,
-            ),
+            explicit_bucket_boundaries_advisory=_BUCKETS,
         )
-        transport = mock_transport() if config.mock_upstream else None
+        transport = mock_transport() if config.mock_upstream else upstream_transport(self.allow)
         self.client = httpx2.AsyncClient(
-            transport=transport, timeout=config.upstream_timeout_s, follow_redirects=False
+            transport=transport,
+            timeout=config.upstream_timeout_s,
+            follow_redirects=False,
+            trust_env=False,
+        )
+        self.calls: set[Call] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.drains = 0
+        self.closing = False
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    # --- ASGI ------------------------------------------------------------------------
+
+    async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if path.startswith("/v1/"):
+            await self._serve(scope, receive, send)
+        elif path == "/health" and method in ("GET", "HEAD"):
+            store = type(self.config.store).__name__
+            await send_json(send, 200, {"status": "ok", "store": store})
+        else:
+            await send_json(send, 404, error_body(f"no route {path}", "invalid_request_error"))
+
+    async def _lifespan(self, receive: ASGIReceive, send: ASGISend) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._heartbeat = asyncio.create_task(self._renew_leases())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # --- calls -----------------------------------------------------------------------
+
+    async def _serve(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        started = time.perf_counter()
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value)
+        carrier = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in headers.items()
+            if k in (b"traceparent", b"tracestate", b"baggage")
+        }
+        span = self.tracer.start_span(
+            f"{scope['method']} {scope['path']}",
+            context=propagate.extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": scope["method"], "url.path": scope["path"]},
+        )
+        try:
+            incoming = await self._read(scope, headers, receive)
+        except ClientGone:
+            _log.debug("the client left before its request was read")
+            span.set_attribute("tokenlay.proxy.exit", "client_gone")
+            span.end()
+            return
+        except _Refused as refusal:
+            body = error_body(refusal.message, "invalid_request_error", refusal.code)
+            await send_json(send, refusal.status, body)
+            span.set_attribute("http.response.status_code", refusal.status)
+            span.end()
+            return
+        call = Call(self, incoming, span, receive, send, started)
+        # The call settles whatever happens to this request's task (a server cancelling
+        # it on disconnect or at shutdown): the shield keeps that cancellation out.
+        await asyncio.shield(self.spawn(call.run()))
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` in a task of the gateway's, which shutdown waits for."""
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _read(
+        self, scope: dict[str, Any], headers: dict[bytes, bytes], receive: ASGIReceive
+    ) -> Incoming:
+        """The request, checked: auth, path, provider, metadata, body. Reserves nothing."""
+        method, path = scope["method"], scope["path"]
+        if not self.authorized(headers.get(b"authorization", b"")):
+            raise _Refused(401, "invalid Tokenlay key", "invalid_api_key")
+        if method not in _METHODS:
+            raise _Refused(405, f"method {method} is not supported")
+        suffix = path.removeprefix("/v1")
+        segments = suffix.split("/")[1:]
+        if not all(_SEGMENT.fullmatch(s) and s not in (".", "..") for s in segments):
+            raise _Refused(400, f"the path {path!r} is not a provider API path")
+        provider_key = headers.get(PROVIDER_KEY_HEADER.encode(), b"").decode("latin-1")
+        base = "http://mock-upstream/v1"
+        if not self.config.mock_upstream:
+            raw_base = headers.get(PROVIDER_BASE_HEADER.encode(), b"").decode("latin-1")
+            if not provider_key or not raw_base:
+                raise _Refused(
+                    400,
+                    f"the {PROVIDER_KEY_HEADER} and {PROVIDER_BASE_HEADER} headers are required",
+                )
+            try:
+                base = self.allow.check_base(raw_base)
+            except ProviderError as exc:
+                raise _Refused(exc.status, str(exc), exc.code) from None
+        try:
+            metadata = metadata_from_wire(headers.items())
+        except ValueError as exc:
+            raise _Refused(400, f"metadata header {exc}", "invalid_metadata") from None
+        body = await self._body(receive, headers)
+        endpoint = (
+            suffix.strip("/") if method == "POST" and suffix.strip("/") in ENDPOINTS else None
+        )
+        data: dict[str, Any] | None = None
+        if endpoint is not None:
+            data = _json_object(body)
+        query = scope.get("query_string", b"").decode("latin-1")
+        return Incoming(
+            method=method,
+            suffix=suffix,
+            query=query,
+            endpoint=endpoint,
+            body=body,
+            data=data,
+            metadata=metadata,
+            provider_key=provider_key,
+            provider_base=None if self.config.mock_upstream else base,
+            base=base,
+            content_type=headers.get(b"content-type", b"").decode("latin-1"),
+            forwarded={
+                k.decode(): v.decode("latin-1")
+                for k, v in headers.items()
+                if k in (b"openai-beta", b"openai-organization", b"openai-project")
+            },
         )
 
-    def authorized(self, request: Request) -> bool:
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header[:7].lower() == "bearer " else ""
+    async def _body(self, receive: ASGIReceive, headers: dict[bytes, bytes]) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            raise _Refused(413, f"the request body is larger than {limit} bytes", "body_too_large")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientGone
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise _Refused(
+                            413, f"the request body is larger than {limit} bytes", "body_too_large"
+                        )
+                    chunks.append(chunk)
+                    if not message.get("more_body"):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise _Refused(
+                408, f"the request body did not arrive within {self.config.body_timeout_s:g} s"
+            ) from None
+
+    def authorized(self, header: bytes) -> bool:
+        token = header[7:] if header[:7].lower() == b"bearer " else b""
         # Compare against every key so timing does not tell which one nearly matched.
         found = False
         for key in self.config.keys:
-            found |= hmac.compare_digest(token.encode(), key.encode())
+            found |= hmac.compare_digest(token, key.encode("utf-8"))
         return found and bool(token)
 
-    async def handle(self, request: Request) -> Response:
-        started = time.perf_counter()
-        parent = propagate.extract(dict(request.headers))
-        path = request.url.path
-        span = self.tracer.start_span(
-            f"{request.method} {path}",
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={"http.request.method": request.method, "url.path": path},
-        )
-        token = otel_context.attach(trace.set_span_in_context(span))
-        try:
-            response = await self._handle(request, span, started)
-        except Exception as exc:
-            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-            span.end()
-            raise
-        finally:
-            otel_context.detach(token)
-        span.set_attribute("http.response.status_code", response.status_code)
-        if not isinstance(response, StreamingResponse):
-            span.end()
-        return response
+    # --- leases and shutdown ---------------------------------------------------------
 
-    async def _handle(self, request: Request, span: Any, started: float) -> Response:
-        if not self.authorized(request):
-            return _error(401, "invalid Tokenlay key", "invalid_request_error", "invalid_api_key")
-        provider_key = request.headers.get(PROVIDER_KEY_HEADER, "")
-        provider_base = request.headers.get(PROVIDER_BASE_HEADER, "").rstrip("/")
-        valid_base = urlsplit(provider_base).scheme in ("http", "https")
-        if not self.config.mock_upstream and not (provider_key and valid_base):
-            return _error(
-                400,
-                f"the {PROVIDER_KEY_HEADER} and {PROVIDER_BASE_HEADER} headers are required",
-                "invalid_request_error",
-            )
-        body: dict[str, Any] = {}
-        if request.method == "POST":
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.lease_s / 3)
+            live = [c.decision for c in self.calls if c.decision is not None]
             try:
-                body = json.loads(await request.body() or b"{}")
-            except ValueError:
-                return _error(400, "the request body is not valid JSON", "invalid_request_error")
-            if not isinstance(body, dict):
-                return _error(
-                    400, "the request body must be a JSON object", "invalid_request_error"
-                )
-        metadata = metadata_from_request_headers(request.headers.items())
-        for name in ("user", "org", "plan", "project", "feature"):
-            if name in metadata:
-                span.set_attribute(f"tokenlay.{name}", metadata[name])
-        requested = body.get("model") if isinstance(body.get("model"), str) else None
-        is_llm = request.method == "POST" and path_endpoint(request.url.path) is not None
-        decision = await self.enforcer.decide(dict(metadata), requested) if is_llm else Decision()
-        self._record_decision(span, decision, requested)
-        headers = _decision_headers(decision, requested)
-        if decision.blocked:
-            extra = {**headers, "x-should-retry": "false"}
-            if decision.retry_after_s is not None:
-                extra["retry-after"] = str(decision.retry_after_s)
-            return _error(
-                decision.http_status,
-                decision.error_message or "blocked",
-                "tokenlay_limit",
-                decision.error_code,
-                **extra,
-            )
-        if decision.model and decision.model != requested:
-            body = {**body, "model": decision.model}
-        return await self._forward(
-            request, body, decision, headers, provider_key, provider_base, span, started
-        )
+                await self.enforcer.renew([d for d in live if d.leases])
+            except Exception:
+                _log.warning("could not renew concurrency leases", exc_info=True)
 
-    def _record_decision(self, span: Any, decision: Decision, requested: str | None) -> None:
-        attrs = {"tokenlay.rule.action": decision.action}
-        if decision.rule is not None:
-            attrs["tokenlay.rule.id"] = decision.rule.id
-            span.set_attribute("tokenlay.limit_exceeded", decision.limit_exceeded)
-        span.set_attributes(attrs)
-        if requested:
-            span.set_attribute("gen_ai.request.model", requested)
-        if decision.model and decision.model != requested:
-            span.set_attribute("tokenlay.model", decision.model)
-        self.decisions.add(1, attrs)
-
-    async def _forward(
-        self, request: Request, body: dict[str, Any], decision: Decision, headers: dict[str, str],
-        provider_key: str, provider_base: str, span: Any, started: float,
-    ) -> Response:  # fmt: skip
-        suffix = request.url.path.removeprefix("/v1")
-        base = provider_base or "http://mock-upstream/v1"
-        body, injected = with_stream_usage(suffix, body)
-        out_headers = {"authorization": f"Bearer {provider_key or 'mock'}"}
-        out_headers.update({k: v for k, v in request.headers.items() if k in _FORWARDED})
-        upstream_span = self.tracer.start_span(
-            f"upstream {request.method} {suffix}", kind=SpanKind.CLIENT
-        )
-        with trace.use_span(upstream_span, end_on_exit=False):
-            propagate.inject(out_headers)
-        content = json.dumps(body).encode() if request.method == "POST" else None
-        if content is not None:
-            out_headers["content-type"] = "application/json"
-        upstream_request = self.client.build_request(
-            request.method,
-            base + suffix,
-            headers=out_headers,
-            content=content,
-            params=dict(request.query_params),
-        )
-        sent = time.perf_counter()
-        try:
-            upstream = await self.client.send(upstream_request, stream=True)
-        except httpx2.HTTPError as exc:
-            upstream_span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-            upstream_span.end()
-            await self.enforcer.release(decision, failed=True)
-            _log.warning("upstream %s unreachable: %s", urlsplit(base).hostname, type(exc).__name__)
-            return _error(
-                502,
-                f"the provider at {urlsplit(base).hostname} could not be reached "
-                f"({type(exc).__name__})",
-                "upstream_error",
-                "upstream_unreachable",
-                **headers,
-            )
-        elapsed = time.perf_counter() - sent
-        upstream_span.set_attribute("http.response.status_code", upstream.status_code)
-        upstream_span.end()
-        self.upstream_duration.record(elapsed, {"http.response.status_code": upstream.status_code})
-        if upstream.status_code >= 400:
-            payload = await upstream.aread()
-            await upstream.aclose()
-            await self.enforcer.release(decision, failed=True)
-            return Response(
-                payload,
-                status_code=upstream.status_code,
-                media_type=upstream.headers.get("content-type"),
-                headers=headers,
-            )
-        requested = body.get("model") if isinstance(body.get("model"), str) else None
-
-        def price(usage: Usage, model: str | None) -> float | None:
-            return self.config.prices.cost(usage, (model, requested), provider_base or None)
-
-        if "text/event-stream" in upstream.headers.get("content-type", ""):
-            tap = StreamTap(price=price, drop_usage_chunk=injected)
-            return StreamingResponse(
-                self._relay(tap, upstream, decision, span),
-                status_code=upstream.status_code,
-                media_type="text/event-stream",
-                headers=headers,
-            )
-        payload = await upstream.aread()
-        await upstream.aclose()
-        usage, model = body_usage(_json_or_none(payload))
-        cost = price(usage, model) if usage is not None else None
-        await self._settle(decision, usage, cost, span)
-        headers.update(_usage_headers(usage, cost, started))
-        return Response(
-            payload,
-            status_code=upstream.status_code,
-            media_type=upstream.headers.get("content-type"),
-            headers=headers,
-        )
-
-    async def _relay(
-        self, tap: StreamTap, upstream: httpx2.Response, decision: Decision, span: Any
-    ) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in tap.relay(upstream.aiter_raw()):
-                yield chunk
-        finally:
-            # Also when the client goes away mid-stream: count what was used, free the
-            # in-flight slot, end the span.
-            try:
-                await upstream.aclose()
-                await self._settle(decision, tap.usage, tap.cost, span)
-            except BaseException:
-                _log.warning("could not settle a stream's usage", exc_info=True)
-            finally:
-                span.end()
-
-    async def _settle(
-        self, decision: Decision, usage: Usage | None, cost: float | None, span: Any
-    ) -> None:
-        tokens = None if usage is None else (usage.input_tokens or 0) + (usage.output_tokens or 0)
-        await self.enforcer.settle(decision, tokens=tokens, cost=cost)
-        await self.enforcer.release(decision, failed=False)
-        if usage is not None:
-            span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens or 0)
-            span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens or 0)
-        if cost is not None:
-            span.set_attribute("tokenlay.cost.usd", cost)
+    async def shutdown(self) -> None:
+        """Stop draining, give calls in flight a moment, settle them all, close."""
+        self.closing = True
+        for call in list(self.calls):
+            call.stop()
+        if self.tasks:
+            _, pending = await asyncio.wait(set(self.tasks), timeout=self.config.shutdown_timeout_s)
+            for task in pending:
+                task.cancel()  # a call's own finally still settles it
+            if pending:
+                await asyncio.wait(pending, timeout=self.config.shutdown_timeout_s)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        await self.client.aclose()
+        await self.config.store.close()
 
 
-def _json_or_none(payload: bytes) -> Any:
+def _json_object(body: bytes) -> dict[str, Any]:
     try:
-        return json.loads(payload)
+        data = json.loads(body or b"{}")
+    except RecursionError:
+        raise _Refused(400, "the request body is nested too deeply") from None
     except ValueError:
-        return None
+        raise _Refused(400, "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise _Refused(400, "the request body must be a JSON object")
+    return data
 
 
-def path_endpoint(path: str) -> str | None:
-    tail = path.removeprefix("/v1/").rstrip("/")
-    return tail if tail in _ENDPOINTS else None
+async def send_json(
+    send: ASGISend, status: int, body: Any, headers: dict[str, str] | None = None
+) -> None:
+    payload = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
+    raw += [(k.encode(), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
 
 
-def create_app(config: ProxyConfig) -> Starlette:
+def create_app(config: ProxyConfig) -> Gateway:
     """The gateway as an ASGI app (``uvicorn`` serves it in ``tokenlay-otel proxy``)."""
-    gateway = Gateway(config)
-
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "store": type(config.store).__name__})
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        await gateway.client.aclose()
-        await config.store.close()
-
-    routes = [Route("/health", health, methods=["GET"])]
-    routes += [Route(f"/v1/{e}", gateway.handle, methods=["POST"]) for e in _ENDPOINTS]
-    routes.append(Route("/v1/models", gateway.handle, methods=["GET"]))
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.gateway = gateway
-    return app
+    return Gateway(config)

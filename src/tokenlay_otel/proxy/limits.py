@@ -1,9 +1,12 @@
 """What the proxy does with one request: the matching rule, its limits, the decision.
 
-Requests and concurrent limits are *reserved* atomically before the call (so N are
-admitted, never N+1); tokens and cost are checked before and added after, from the
-real usage. A reservation is given back when the upstream call fails, so a client's
-retry is not counted twice.
+Reserve, then settle. Before the call, every limit of the matching rule is checked and
+taken in one atomic store step: a request, a concurrency lease, and an *estimate* of
+the call's tokens and cost (see :mod:`.estimate`), so N concurrent calls never take a
+limit past its value when they state their output cap. After the call, the estimate
+is replaced by the real usage, or by the charge for what was relayed when upstream
+gave none. A request is given back when the provider never answered or answered with
+a server error, so a client's retry is not counted twice.
 """
 
 from __future__ import annotations
@@ -11,18 +14,22 @@ from __future__ import annotations
 import asyncio
 import calendar
 import time
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from .rules import Limit, Rule, first_match, usage_paths
-from .store import UsageStore
+from .store import Adjustment, Hold, UsageStore
 
-__all__ = ["Decision", "Enforcer", "window_bounds"]
+__all__ = ["ANONYMOUS", "Decision", "Enforcer", "Reservation", "bucket", "window_bounds"]
 
 WARN_AT = 0.8
-_CONCURRENT_TTL = 3600  # a crashed proxy's in-flight count fades out
+#: The bucket of calls that do not name the field a limit is per. No metadata value can
+#: name it: values are percent-encoded in keys, and '*' always is.
+ANONYMOUS = "*"
 
 
 def window_bounds(window: str, now: float) -> tuple[str, float | None]:
@@ -47,6 +54,19 @@ def window_bounds(window: str, now: float) -> tuple[str, float | None]:
     return "total", None
 
 
+def bucket(value: Any) -> str:
+    """A metadata value as it appears in a store key (``ANONYMOUS`` when absent)."""
+    return ANONYMOUS if value is None else quote(str(value), safe="")
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What a call is expected to use at most (cost ``None``: the model has no price)."""
+
+    tokens: int
+    cost: float | None
+
+
 @dataclass(frozen=True, slots=True)
 class _Counter:
     limit: Limit
@@ -55,10 +75,19 @@ class _Counter:
     resets_at: float | None
     ttl_s: int | None
 
+    def hold(self, reservation: Reservation) -> Hold:
+        kind = self.limit.type
+        amount = 1.0
+        if kind == "tokens":
+            amount = float(reservation.tokens)
+        elif kind == "cost":
+            amount = reservation.cost or 0.0
+        return Hold(self.key, amount, self.limit.max, self.ttl_s, lease=kind == "concurrent")
+
 
 @dataclass
 class Decision:
-    """The outcome of the rules for one request."""
+    """The outcome of the rules for one request, and what it holds until it settles."""
 
     rule: Rule | None = None
     action: str = "allow"  # the x-tokenlay-rule-action value
@@ -70,28 +99,31 @@ class Decision:
     error_code: str | None = None
     error_message: str | None = None
     retry_after_s: int | None = None
-    reserved: list[str] = field(default_factory=list)  # requests counters taken
-    concurrent: list[str] = field(default_factory=list)  # in-flight counters taken
-    usage_counters: list[_Counter] = field(default_factory=list)  # tokens/cost to add to
+    lease_id: str = ""
+    held: list[tuple[_Counter, Hold]] = field(default_factory=list)
 
     @property
     def blocked(self) -> bool:
         return self.action == "block"
 
+    @property
+    def leases(self) -> list[str]:
+        return [hold.key for _, hold in self.held if hold.lease]
 
-def _counters(rule: Rule, context: Mapping[str, Any], now: float) -> list[_Counter]:
+
+def _counters(rule: Rule, context: Mapping[str, Any], now: float, lease_s: float) -> list[_Counter]:
     out = []
     for limit in rule.limits:
         field_name = limit.tracking_key or limit.per
         value = context.get(field_name)
-        subject = f"{limit.per} {value}" if value is not None else f"all {limit.per}"
+        subject = f"{limit.per} {value}" if value is not None else f"calls without a {limit.per}"
         ttl: int | None
         if limit.type == "concurrent":
-            label, resets, ttl = "now", None, _CONCURRENT_TTL
+            label, resets, ttl = "now", None, int(lease_s) + 60
         else:
             label, resets = window_bounds(limit.window, now)
             ttl = None if resets is None else int(resets - now) + 60
-        key = f"{limit.type}:{limit.window}:{field_name}={value}:{label}"
+        key = f"{limit.type}:{limit.window}:{field_name}={bucket(value)}:{label}"
         out.append(_Counter(limit, key, subject, resets, ttl))
     return out
 
@@ -103,12 +135,32 @@ def _warning(counter: _Counter, value: float) -> str:
     return f"{share}% of the {scope} {limit.type} limit ({limit.max:g}) used by {counter.subject}"
 
 
-class Enforcer:
-    """Evaluates rules against a store for each request."""
+def _reason(counter: _Counter, hold: Hold, value: float) -> str:
+    limit = counter.limit
+    if limit.type == "concurrent":
+        return f"concurrent limit ({limit.max:g} at once) reached for {counter.subject}"
+    name = f"{limit.type} limit ({limit.max:g} per {limit.window})"
+    if value >= limit.max or limit.type == "requests":
+        return f"{name} reached for {counter.subject}"
+    # Not reached yet, but this call's reservation does not fit in what is left.
+    if limit.type == "tokens":
+        return (
+            f"{name} of {counter.subject} would be passed: {value:g} used, this call "
+            f"reserves {hold.amount:g} (a lower max_tokens reserves less)"
+        )
+    return (
+        f"{name} of {counter.subject} would be passed: ${value:.6g} used, this call "
+        f"reserves ${hold.amount:.6g}"
+    )
 
-    def __init__(self, rules: Sequence[Rule], store: UsageStore) -> None:
+
+class Enforcer:
+    """Evaluates rules against a store for each request; settles what calls held."""
+
+    def __init__(self, rules: Sequence[Rule], store: UsageStore, *, lease_s: float = 60) -> None:
         self.rules = list(rules)
         self.store = store
+        self.lease_s = lease_s
         self._usage_paths = usage_paths(self.rules)
 
     async def _usage_context(self, context: Mapping[str, Any], now: float) -> dict[str, float]:
@@ -120,84 +172,90 @@ class Enforcer:
             kind, _, window = path.removeprefix("usage.").partition("_")
             window = window or "day"
             label, _ = window_bounds(window, now)
-            keys.append(f"{kind}:{window}:user={context.get('user')}:{label}")
+            keys.append(f"{kind}:{window}:user={bucket(context.get('user'))}:{label}")
             paths.append(path)
         values = await self.store.get_many(keys)
         return dict(zip(paths, values, strict=True))
 
-    async def decide(self, context: dict[str, Any], model: str | None) -> Decision:
+    async def decide(
+        self,
+        context: dict[str, Any],
+        model: str | None,
+        estimate: Callable[[str | None], Reservation],
+    ) -> Decision:
+        """Match a rule and take its limits (nothing is taken when the call is blocked)."""
         now = time.time()
         context = {**context, **await self._usage_context(context, now), "model": model}
         rule = first_match(self.rules, context)
         if rule is None:
             return Decision(model=model)
-        decision = Decision(rule=rule, action=rule.action, model=model or rule.model)
+        decision = Decision(
+            rule=rule, action=rule.action, model=model or rule.model, lease_id=uuid.uuid4().hex
+        )
         if rule.action == "block":
             decision.http_status = 403
             decision.error_message = f"blocked by rule {rule.id!r}"
             return decision
-        counters = _counters(rule, context, now)
-        exceeded = await self._check(decision, counters)
-        if exceeded is not None:
-            await self._on_exceeded(decision, rule, exceeded, context)
-        if not decision.blocked:
-            decision.usage_counters = [c for c in counters if c.limit.type in ("tokens", "cost")]
+        counters = _counters(rule, context, now, self.lease_s)
+        refused = await self._take(decision, counters, estimate(decision.model), force=False)
+        if refused is not None:
+            await self._on_exceeded(decision, rule, refused, context, estimate)
         return decision
 
-    async def _check(self, decision: Decision, counters: list[_Counter]) -> _Counter | None:
-        """Check read-only limits, then reserve the countable ones; the first exceeded."""
-        readonly = [c for c in counters if c.limit.type in ("tokens", "cost")]
-        for counter, value in zip(
-            readonly, await self.store.get_many([c.key for c in readonly]), strict=True
-        ):
-            if value >= counter.limit.max:
-                return counter
-            if value >= WARN_AT * counter.limit.max:
-                decision.warnings.append(_warning(counter, value))
-        for counter in counters:
-            if counter.limit.type not in ("requests", "concurrent"):
-                continue
-            done, value = await self.store.reserve(counter.key, counter.limit.max, counter.ttl_s)
-            if not done:
-                await self.release(decision, failed=True)
-                return counter
-            (
-                decision.concurrent if counter.limit.type == "concurrent" else decision.reserved
-            ).append(counter.key)
-            if counter.limit.type == "requests" and value >= WARN_AT * counter.limit.max:
-                decision.warnings.append(_warning(counter, value))
+    async def _take(
+        self, decision: Decision, counters: list[_Counter], reservation: Reservation, *, force: bool
+    ) -> tuple[_Counter, Hold, float] | None:
+        """Take every counter's hold at once; the first one refused, if any, and its value."""
+        holds = [c.hold(reservation) for c in counters]
+        until = time.time() + self.lease_s
+        index, values = await self.store.admit(holds, decision.lease_id, until, force=force)
+        if index >= 0:
+            return counters[index], holds[index], values[index]
+        decision.held = list(zip(counters, holds, strict=True))
+        for counter, hold, value in zip(counters, holds, values, strict=True):
+            used = value if counter.limit.type == "requests" else value - hold.amount
+            if not hold.lease and used >= WARN_AT * counter.limit.max:
+                decision.warnings.append(_warning(counter, used))
         return None
 
     async def _on_exceeded(
-        self, decision: Decision, rule: Rule, counter: _Counter, context: dict[str, Any]
+        self,
+        decision: Decision,
+        rule: Rule,
+        refused: tuple[_Counter, Hold, float],
+        context: dict[str, Any],
+        estimate: Callable[[str | None], Reservation],
     ) -> None:
         policy = rule.on_limit_exceeded
         decision.limit_exceeded = True
         action = policy.action if policy else "block"
-        limit = counter.limit
-        reason = (
-            f"{limit.type} limit ({limit.max:g} per {limit.window}) reached for {counter.subject}"
-        )
+        counter, hold, value = refused
+        reason = _reason(counter, hold, value)
         if action == "queue" and policy is not None:
             deadline = time.monotonic() + (policy.delay_seconds or 10)
             while time.monotonic() < deadline:
                 await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+                counters = _counters(rule, context, time.time(), self.lease_s)
                 decision.warnings.clear()
-                again = await self._check(decision, _counters(rule, context, time.time()))
+                again = await self._take(decision, counters, estimate(decision.model), force=False)
                 if again is None:
                     decision.action = "queue"
                     decision.warnings.append(f"queued: {reason}")
                     return
             action = "block"
-        if action == "downgrade" and policy is not None and policy.downgrade_to:
-            decision.downgraded_from = decision.model
-            decision.model = policy.downgrade_to
-            decision.action = "allow"
-            decision.warnings.append(f"{reason}: downgraded to {policy.downgrade_to}")
-            return
-        if action == "warn":
-            decision.action = "warn"
-            decision.warnings.append(reason)
+        downgrade_to = policy.downgrade_to if policy and action == "downgrade" else None
+        if action == "warn" or downgrade_to:
+            # The call goes ahead past the limit: it is still counted, and its slots
+            # are still leases that settle.
+            if downgrade_to:
+                decision.action = "allow"
+                decision.downgraded_from, decision.model = decision.model, downgrade_to
+                decision.warnings.append(f"{reason}: downgraded to {downgrade_to}")
+            else:
+                decision.action = "warn"
+                decision.warnings.append(reason)
+            counters = _counters(rule, context, time.time(), self.lease_s)
+            await self._take(decision, counters, estimate(decision.model), force=True)
             return
         decision.action = "block"
         decision.http_status = (policy.http_status if policy else None) or 429
@@ -208,19 +266,43 @@ class Enforcer:
             retry = max(1.0, counter.resets_at - time.time())
         decision.retry_after_s = None if retry is None else int(retry + 0.999)
 
-    async def release(self, decision: Decision, *, failed: bool) -> None:
-        """Give back in-flight counters; with ``failed`` also the request reservations."""
-        for key in decision.concurrent:
-            await self.store.add(key, -1, _CONCURRENT_TTL)
-        decision.concurrent = []
-        if failed:
-            for key in decision.reserved:
-                await self.store.add(key, -1, None)
-            decision.reserved = []
+    async def settle(
+        self,
+        decision: Decision,
+        *,
+        tokens: int,
+        cost: float | None,
+        estimated: bool = False,
+        refund_request: bool = False,
+    ) -> None:
+        """Replace the reservation with what the call used; end its leases. Once per call."""
+        adjustments: list[Adjustment] = []
+        for counter, hold in decision.held:
+            kind = counter.limit.type
+            if kind == "requests":
+                if refund_request:
+                    adjustments.append((hold.key, -1.0, hold.ttl_s))
+                continue
+            if kind not in ("tokens", "cost"):
+                continue
+            used = float(tokens) if kind == "tokens" else (cost or 0.0)
+            if used != hold.amount:
+                adjustments.append((hold.key, used - hold.amount, hold.ttl_s))
+            if estimated and used:
+                # Kept beside the counter so an operator can tell estimates from usage.
+                adjustments.append((f"{hold.key}:estimated", used, hold.ttl_s))
+        leases = decision.leases
+        decision.held = []
+        await self.store.settle(adjustments, leases, decision.lease_id)
 
-    async def settle(self, decision: Decision, *, tokens: int | None, cost: float | None) -> None:
-        """Count the call's real usage against its tokens/cost limits."""
-        for counter in decision.usage_counters:
-            amount = tokens if counter.limit.type == "tokens" else cost
-            if amount:
-                await self.store.add(counter.key, float(amount), counter.ttl_s)
+    async def release_leases(self, decision: Decision) -> None:
+        """End a call's concurrency leases ahead of its settlement (its client left)."""
+        leases = decision.leases
+        if leases:
+            decision.held = [(c, h) for c, h in decision.held if not h.lease]
+            await self.store.settle((), leases, decision.lease_id)
+
+    async def renew(self, decisions: Sequence[Decision]) -> None:
+        """Extend the leases of calls still running."""
+        live = [(key, d.lease_id) for d in decisions for key in d.leases]
+        await self.store.renew(live, time.time() + self.lease_s)

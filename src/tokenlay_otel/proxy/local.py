@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .rules import Rule, load_rules
+from .server import ServerLimits, uvicorn_server
 from .store import SQLiteStore, UsageStore
 
 __all__ = ["DEFAULT_LOCAL_KEY", "free_port", "local_proxy", "tokenlay_or_local"]
@@ -34,6 +35,7 @@ def local_proxy(
     keys: Sequence[str] = (DEFAULT_LOCAL_KEY,),
     mock_upstream: bool = True,
     store: UsageStore | None = None,
+    server_limits: ServerLimits | None = None,
     **config: Any,
 ) -> Iterator[str]:
     """Serve the gateway on ``127.0.0.1`` in a background thread; yields its URL.
@@ -43,10 +45,9 @@ def local_proxy(
         keys: accepted Tokenlay keys (default: ``tl-local-key``).
         mock_upstream: answer with the deterministic mock provider (default).
         store: usage store (default: SQLite in a temporary folder).
+        server_limits: header timeout, connection cap... (default: ``ServerLimits()``).
         **config: other :class:`ProxyConfig` fields (tracer_provider, meter_provider...).
     """
-    import uvicorn
-
     from .app import ProxyConfig, create_app
 
     loaded = load_rules(rules) if isinstance(rules, str | Path) else list(rules)
@@ -58,7 +59,8 @@ def local_proxy(
         )
     )
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    limits = server_limits if server_limits is not None else ServerLimits()
+    server = uvicorn_server(app, host="127.0.0.1", port=port, limits=limits)
     thread = threading.Thread(target=server.run, name="tokenlay-local-proxy", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

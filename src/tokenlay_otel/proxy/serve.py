@@ -3,24 +3,53 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import math
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ENV_PROXY_KEYS", "add_arguments", "load_keys", "run"]
+from .server import ServerLimits
+
+__all__ = [
+    "ENV_ALLOW_PROVIDERS",
+    "ENV_PROXY_KEYS",
+    "add_arguments",
+    "gateway_options",
+    "load_keys",
+    "raise_open_files_limit",
+    "run",
+    "server_limits",
+]
+
+_log = logging.getLogger("tokenlay_otel.proxy")
 
 #: Comma-separated Tokenlay keys the proxy accepts (or use --keys-file).
 ENV_PROXY_KEYS = "TOKENLAY_PROXY_KEYS"
+#: Comma-separated provider patterns the proxy may forward to (or use --allow-provider).
+ENV_ALLOW_PROVIDERS = "TOKENLAY_PROXY_ALLOW_PROVIDERS"
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+#: Soft open-files limit to ask for when the hard limit is unlimited.
+_UNLIMITED_NOFILE_TARGET = 65536
 
 
-def load_keys(keys_file: str | None, environ: dict[str, str] | None = None) -> frozenset[str]:
-    """Keys from a file (one per line, ``#`` comments) or ``TOKENLAY_PROXY_KEYS``."""
+def load_keys(keys_file: str | None, environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """Keys from a file or ``TOKENLAY_PROXY_KEYS`` (comma-separated).
+
+    In the file: one key a line, stripped of surrounding whitespace; blank lines and
+    lines starting with ``#`` (after optional whitespace) are skipped. A ``#`` elsewhere
+    is part of the key.
+    """
     env = os.environ if environ is None else environ
     keys: set[str] = set()
     if keys_file:
         for line in Path(keys_file).read_text(encoding="utf-8").splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                keys.add(line)
+            key = line.strip()
+            if key and not key.startswith("#"):
+                keys.add(key)
     keys.update(k.strip() for k in env.get(ENV_PROXY_KEYS, "").split(",") if k.strip())
     if not keys:
         raise SystemExit(
@@ -30,32 +59,215 @@ def load_keys(keys_file: str | None, environ: dict[str, str] | None = None) -> f
     return frozenset(keys)
 
 
+def _number(kind: type[int] | type[float], *, allow_zero: bool) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(
+                f"must be finite and {'>=' if allow_zero else '>'} 0, got {text}"
+            )
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, allow_zero=False)
+_non_negative_int = _number(int, allow_zero=True)
+_positive_float = _number(float, allow_zero=False)
+_non_negative_float = _number(float, allow_zero=True)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8787)
-    parser.add_argument("--rules", help="rules file (YAML or JSON); none: allow everything")
-    parser.add_argument(
-        "--keys-file", help=f"accepted Tokenlay keys, one per line (or ${ENV_PROXY_KEYS})"
+    """The ``proxy`` command's flags; every help text names the default."""
+    server = ServerLimits()
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    add("--port", type=int, default=8787, help="port to listen on (default: %(default)s)")
+    add("--rules", help="rules file, YAML or JSON (default: none, allow everything)")
+    add(
+        "--keys-file",
+        help="accepted Tokenlay keys, one a line, '#' starts a comment line "
+        f"(default: none, read ${ENV_PROXY_KEYS})",
     )
-    parser.add_argument("--redis-url", help="share limits through Redis instead of SQLite")
-    parser.add_argument("--db", default="tokenlay-proxy.db", help="SQLite usage file")
-    parser.add_argument(
+    add(
+        "--redis-url",
+        help="share limits through Redis instead of SQLite (default: none, use --db)",
+    )
+    add("--db", default="tokenlay-proxy.db", help="SQLite usage file (default: %(default)s)")
+    add(
         "--mock-upstream",
         action="store_true",
-        help="answer with a deterministic mock provider (offline)",
+        help="answer with a deterministic mock provider, offline (default: off)",
     )
-    parser.add_argument("--log-level", default="warning")
+    add(
+        "--log-level",
+        default="warning",
+        choices=_LOG_LEVELS,
+        help="uvicorn log level (default: %(default)s)",
+    )
+
+    limits = parser.add_argument_group("server limits")
+    limits.add_argument(
+        "--header-timeout",
+        type=_positive_float,
+        default=server.header_timeout_s,
+        metavar="SECONDS",
+        help="close a connection that has not sent complete request headers this long "
+        "after it opened or after its last response (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=server.max_connections,
+        metavar="N",
+        help="open client connections at most; the one idle longest is closed to admit "
+        "a new one (default: half the open-files limit, at least 16)",
+    )
+    limits.add_argument(
+        "--keep-alive",
+        type=_positive_float,
+        default=server.keep_alive_s,
+        metavar="SECONDS",
+        help="close a silent keep-alive connection after this (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--graceful-shutdown",
+        type=_non_negative_float,
+        default=server.graceful_shutdown_s,
+        metavar="SECONDS",
+        help="on shutdown, let requests in progress finish this long (default: %(default)s)",
+    )
+
+    gateway = parser.add_argument_group("gateway")
+    gateway.add_argument(
+        "--allow-provider",
+        action="append",
+        metavar="PATTERN",
+        help="also forward to providers matching [scheme://]host[:port][/path-prefix], "
+        "besides the public ones; repeat for more (default: "
+        f"${ENV_ALLOW_PROVIDERS}, comma-separated, else none)",
+    )
+    gateway.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=32 * 1024 * 1024,
+        metavar="BYTES",
+        help="largest request body accepted (default: %(default)s)",
+    )
+    gateway.add_argument(
+        "--body-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="time to receive a request body (default: %(default)s)",
+    )
+    gateway.add_argument(
+        "--upstream-timeout",
+        type=_positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="time for an upstream call (default: %(default)s)",
+    )
+    gateway.add_argument(
+        "--lease-seconds",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a concurrency slot expires unless renewed within this (default: %(default)s)",
+    )
+    gateway.add_argument(
+        "--drain-timeout",
+        type=_non_negative_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="time to read an abandoned upstream stream for its usage (default: %(default)s)",
+    )
+    gateway.add_argument(
+        "--max-drains",
+        type=_non_negative_int,
+        default=64,
+        metavar="N",
+        help="abandoned streams drained at once at most (default: %(default)s)",
+    )
+    gateway.add_argument(
+        "--default-output-tokens",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="output tokens reserved when a request sets no maximum (default: %(default)s)",
+    )
+
+
+def gateway_options(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The ``ProxyConfig`` keyword arguments the flags set (besides keys, rules, store).
+
+    ``allow_providers`` comes from ``--allow-provider``, else from
+    ``TOKENLAY_PROXY_ALLOW_PROVIDERS``; with neither it is left to ``ProxyConfig``.
+    """
+    env = os.environ if environ is None else environ
+    options: dict[str, Any] = {
+        "mock_upstream": args.mock_upstream,
+        "max_body_bytes": args.max_body_bytes,
+        "body_timeout_s": args.body_timeout,
+        "upstream_timeout_s": args.upstream_timeout,
+        "lease_s": args.lease_seconds,
+        "drain_timeout_s": args.drain_timeout,
+        "max_drains": args.max_drains,
+        "default_output_tokens": args.default_output_tokens,
+    }
+    if args.allow_provider:
+        options["allow_providers"] = tuple(args.allow_provider)
+    elif env.get(ENV_ALLOW_PROVIDERS, "").strip():
+        patterns = env[ENV_ALLOW_PROVIDERS].split(",")
+        options["allow_providers"] = tuple(p.strip() for p in patterns if p.strip())
+    return options
+
+
+def server_limits(args: argparse.Namespace) -> ServerLimits:
+    return ServerLimits(
+        header_timeout_s=args.header_timeout,
+        max_connections=args.max_connections,
+        keep_alive_s=args.keep_alive,
+        graceful_shutdown_s=args.graceful_shutdown,
+    )
+
+
+def raise_open_files_limit() -> int | None:
+    """Lift the soft open-files limit to the hard one; the soft limit now (``None``
+    where there is none). For the CLI: a library leaves the process's limits alone."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit is not a valid soft one everywhere (macOS wants a number).
+    target = _UNLIMITED_NOFILE_TARGET if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        _log.debug("could not raise the open-files limit from %d to %d: %s", soft, target, exc)
+        return soft
+    return target
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  # fail early, with the install hint
     except ImportError:
         raise SystemExit(
             "tokenlay-otel proxy needs the proxy extra: pip install 'tokenlay-otel[proxy]'"
         ) from None
     from .app import ProxyConfig, create_app
     from .rules import RulesError, load_rules
+    from .server import uvicorn_server
     from .store import open_store
 
     keys = load_keys(args.keys_file)
@@ -63,13 +275,21 @@ def run(args: argparse.Namespace) -> int:
         rules = load_rules(args.rules) if args.rules else []
     except RulesError as exc:
         raise SystemExit(f"tokenlay-otel proxy: {exc}") from None
+    options = gateway_options(args)
+    raise_open_files_limit()  # before max_connections is derived from it
+    limits = server_limits(args)
     if os.environ.get("OTEL_TRACES_EXPORTER") or os.environ.get("OTEL_METRICS_EXPORTER"):
         from tokenlay_otel.exporters import configure
 
         configure(service_name=os.environ.get("OTEL_SERVICE_NAME") or "tokenlay-proxy")
     store = open_store(redis_url=args.redis_url, sqlite_path=args.db)
-    app = create_app(
-        ProxyConfig(keys=keys, rules=rules, store=store, mock_upstream=args.mock_upstream)
+    try:
+        app = create_app(ProxyConfig(keys=keys, rules=rules, store=store, **options))
+    except ValueError as exc:  # a malformed --allow-provider pattern, named in the message
+        raise SystemExit(f"tokenlay-otel proxy: {exc}") from None
+    server = uvicorn_server(
+        app, host=args.host, port=args.port, limits=limits, log_level=args.log_level
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn has shut down already
+        server.run()
+    return 0 if server.started else 3  # uvicorn's exit status for a failed startup

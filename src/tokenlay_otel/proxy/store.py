@@ -1,40 +1,85 @@
-"""Usage counters: SQLite (embedded default) or Redis (shared by several proxies).
+"""Usage counters and concurrency leases: SQLite (embedded default) or Redis (shared).
 
-Every operation that enforces a limit is atomic in the store itself — a SQLite
-``BEGIN IMMEDIATE`` transaction or a Redis Lua script — so several proxy processes on
-one file or one Redis never admit more than a limit allows.
+A call takes all its holds in one atomic step — a SQLite ``BEGIN IMMEDIATE``
+transaction or one Redis Lua script — so several proxy processes on one file or one
+Redis never admit more than a limit allows, and a call never holds half of what it
+asked for. Settling (the real usage, the slots given back) is one step too.
+
+Counters are sums (requests, tokens, USD) that expire with their window. Concurrency
+slots are *leases*: one entry per call, with an expiry the proxy renews while the call
+runs, so the slots of a proxy that dies are free again within one lease.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import math
 import sqlite3
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RedisStore", "SQLiteStore", "UsageStore", "open_store"]
+__all__ = ["Hold", "RedisStore", "SQLiteStore", "UsageStore", "open_store"]
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """One counter a call takes when it is admitted.
+
+    ``amount`` is added to a sum (a request, reserved tokens or USD); a ``lease`` hold
+    is a concurrency slot instead, one live entry per call. A hold is refused when the
+    counter is already at ``maximum`` or the amount would take it past.
+    """
+
+    key: str
+    amount: float
+    maximum: float
+    ttl_s: int | None
+    lease: bool = False
+
+    def refuses(self, value: float) -> bool:
+        return value >= self.maximum or value + self.amount > self.maximum
+
+
+#: A settlement entry: add ``amount`` (may be negative) to ``key``, keeping ``ttl_s``.
+Adjustment = tuple[str, float, int | None]
 
 
 class UsageStore(abc.ABC):
-    """Counters keyed by limit and window; values are floats (tokens, USD, requests)."""
+    """Counters keyed by limit and window, and concurrency leases keyed by limit."""
 
     @abc.abstractmethod
-    async def get_many(self, keys: Sequence[str]) -> list[float]: ...
+    async def get_many(self, keys: Sequence[str]) -> list[float]:
+        """Current values of sum counters (0 when absent or expired)."""
 
     @abc.abstractmethod
-    async def reserve(self, key: str, maximum: float, ttl_s: int | None) -> tuple[bool, float]:
-        """Add 1 if that keeps the counter <= ``maximum``; (done, value after)."""
+    async def admit(
+        self, holds: Sequence[Hold], lease_id: str, lease_until: float, *, force: bool = False
+    ) -> tuple[int, list[float]]:
+        """Take every hold, or none.
+
+        Returns:
+            ``(-1, values after)`` when taken; else ``(index of the first hold refused,
+            values before)``. With ``force`` nothing is refused.
+        """
 
     @abc.abstractmethod
-    async def add(self, key: str, amount: float, ttl_s: int | None) -> float: ...
+    async def settle(
+        self, adjustments: Sequence[Adjustment], leases: Sequence[str], lease_id: str
+    ) -> None:
+        """Add the adjustments (a counter never goes below 0) and end these leases."""
 
     @abc.abstractmethod
-    async def once(self, key: str, ttl_s: int) -> bool:
-        """True the first time ``key`` is seen within ``ttl_s`` (retry de-duplication)."""
+    async def renew(self, leases: Sequence[tuple[str, str]], lease_until: float) -> None:
+        """Push back the expiry of live ``(key, lease_id)`` leases."""
+
+    @abc.abstractmethod
+    async def lease_counts(self, keys: Sequence[str]) -> list[int]:
+        """Live leases under each key."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -45,6 +90,12 @@ CREATE TABLE IF NOT EXISTS usage (
     key TEXT PRIMARY KEY,
     value REAL NOT NULL,
     expires_at REAL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    key TEXT NOT NULL,
+    id TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (key, id)
 );
 """
 
@@ -71,6 +122,17 @@ class SQLiteStore(UsageStore):
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    def _transaction(self, fn: Any, *args: Any) -> Any:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db, time.time(), *args)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
+
     @staticmethod
     def _current(db: sqlite3.Connection, key: str, now: float) -> float:
         row = db.execute("SELECT value, expires_at FROM usage WHERE key = ?", (key,)).fetchone()
@@ -78,8 +140,17 @@ class SQLiteStore(UsageStore):
             return 0.0
         return float(row[0])
 
-    def _write(self, db: sqlite3.Connection, key: str, value: float, ttl_s: int | None) -> None:
-        expires = None if ttl_s is None else time.time() + ttl_s
+    @staticmethod
+    def _leases(db: sqlite3.Connection, key: str, now: float) -> int:
+        db.execute("DELETE FROM leases WHERE key = ? AND expires_at <= ?", (key, now))
+        row = db.execute("SELECT COUNT(*) FROM leases WHERE key = ?", (key,)).fetchone()
+        return int(row[0])
+
+    @staticmethod
+    def _write(
+        db: sqlite3.Connection, key: str, value: float, ttl_s: int | None, now: float
+    ) -> None:
+        expires = None if ttl_s is None else now + ttl_s
         db.execute(
             "INSERT INTO usage (key, value, expires_at) VALUES (?, ?, ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value, "
@@ -87,64 +158,94 @@ class SQLiteStore(UsageStore):
             (key, value, expires),
         )
 
+    def _admit(
+        self,
+        db: sqlite3.Connection,
+        now: float,
+        holds: Sequence[Hold],
+        lease_id: str,
+        lease_until: float,
+        force: bool,
+    ) -> tuple[int, list[float]]:
+        values = [
+            float(self._leases(db, h.key, now)) if h.lease else self._current(db, h.key, now)
+            for h in holds
+        ]
+        if not force:
+            for index, (hold, value) in enumerate(zip(holds, values, strict=True)):
+                if hold.refuses(value):
+                    return index, values
+        for hold, value in zip(holds, values, strict=True):
+            if hold.lease:
+                db.execute(
+                    "INSERT OR REPLACE INTO leases (key, id, expires_at) VALUES (?, ?, ?)",
+                    (hold.key, lease_id, lease_until),
+                )
+            else:
+                self._write(db, hold.key, value + hold.amount, hold.ttl_s, now)
+        return -1, [v + h.amount for h, v in zip(holds, values, strict=True)]
+
+    def _settle(
+        self,
+        db: sqlite3.Connection,
+        now: float,
+        adjustments: Sequence[Adjustment],
+        leases: Sequence[str],
+        lease_id: str,
+    ) -> None:
+        for key, amount, ttl_s in adjustments:
+            self._write(db, key, max(0.0, self._current(db, key, now) + amount), ttl_s, now)
+        db.executemany(
+            "DELETE FROM leases WHERE key = ? AND id = ?", [(key, lease_id) for key in leases]
+        )
+
+    def _renew(
+        self, db: sqlite3.Connection, now: float, leases: Sequence[tuple[str, str]], until: float
+    ) -> None:
+        db.executemany(
+            "UPDATE leases SET expires_at = ? WHERE key = ? AND id = ?",
+            [(until, key, lease_id) for key, lease_id in leases],
+        )
+
     def _get_many(self, keys: Sequence[str]) -> list[float]:
         db, now = self._conn(), time.time()
         return [self._current(db, key, now) for key in keys]
 
-    def _reserve(self, key: str, maximum: float, ttl_s: int | None) -> tuple[bool, float]:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            value = self._current(db, key, time.time())
-            if value + 1 > maximum:
-                db.execute("COMMIT")
-                return False, value
-            self._write(db, key, value + 1, ttl_s)
-            db.execute("COMMIT")
-            return True, value + 1
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-
-    def _add(self, key: str, amount: float, ttl_s: int | None) -> float:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            value = self._current(db, key, time.time()) + amount
-            self._write(db, key, value, ttl_s)
-            db.execute("COMMIT")
-            return value
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-
-    def _once(self, key: str, ttl_s: int) -> bool:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            seen = self._current(db, key, time.time()) > 0
-            if not seen:
-                self._write(db, key, 1, ttl_s)
-            db.execute("COMMIT")
-            return not seen
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+    def _lease_counts(self, keys: Sequence[str]) -> list[int]:
+        db, now = self._conn(), time.time()
+        return [
+            int(
+                db.execute(
+                    "SELECT COUNT(*) FROM leases WHERE key = ? AND expires_at > ?", (key, now)
+                ).fetchone()[0]
+            )
+            for key in keys
+        ]
 
     async def get_many(self, keys: Sequence[str]) -> list[float]:
         result: list[float] = await self._run(self._get_many, keys)
         return result
 
-    async def reserve(self, key: str, maximum: float, ttl_s: int | None) -> tuple[bool, float]:
-        result: tuple[bool, float] = await self._run(self._reserve, key, maximum, ttl_s)
+    async def admit(
+        self, holds: Sequence[Hold], lease_id: str, lease_until: float, *, force: bool = False
+    ) -> tuple[int, list[float]]:
+        result: tuple[int, list[float]] = await self._run(
+            self._transaction, self._admit, holds, lease_id, lease_until, force
+        )
         return result
 
-    async def add(self, key: str, amount: float, ttl_s: int | None) -> float:
-        result: float = await self._run(self._add, key, amount, ttl_s)
-        return result
+    async def settle(
+        self, adjustments: Sequence[Adjustment], leases: Sequence[str], lease_id: str
+    ) -> None:
+        if adjustments or leases:
+            await self._run(self._transaction, self._settle, adjustments, leases, lease_id)
 
-    async def once(self, key: str, ttl_s: int) -> bool:
-        result: bool = await self._run(self._once, key, ttl_s)
+    async def renew(self, leases: Sequence[tuple[str, str]], lease_until: float) -> None:
+        if leases:
+            await self._run(self._transaction, self._renew, leases, lease_until)
+
+    async def lease_counts(self, keys: Sequence[str]) -> list[int]:
+        result: list[int] = await self._run(self._lease_counts, keys)
         return result
 
     async def close(self) -> None:
@@ -157,20 +258,54 @@ class SQLiteStore(UsageStore):
         self._executor.shutdown(wait=True)
 
 
-_RESERVE = """
-local value = tonumber(redis.call('GET', KEYS[1]) or '0')
-if value + 1 > tonumber(ARGV[1]) then
-  return {0, tostring(value)}
+# KEYS: one per hold. ARGV: force, lease_id, now, lease_until, then per hold
+# amount, maximum, ttl (0: none), lease (1/0). Checks every hold before taking any.
+_ADMIT = """
+local force = ARGV[1] == '1'
+local values = {}
+for i, key in ipairs(KEYS) do
+  local at = 4 + (i - 1) * 4
+  if ARGV[at + 4] == '1' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[3])
+    values[i] = redis.call('ZCARD', key)
+  else
+    values[i] = tonumber(redis.call('GET', key) or '0')
+  end
+  local amount, maximum = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+  if not force and (values[i] >= maximum or values[i] + amount > maximum) then
+    local out = {i - 1}
+    for j = 1, #values do out[j + 1] = tostring(values[j]) end
+    return out
+  end
 end
-value = redis.call('INCRBYFLOAT', KEYS[1], 1)
-if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-return {1, tostring(value)}
+local out = {-1}
+for i, key in ipairs(KEYS) do
+  local at = 4 + (i - 1) * 4
+  if ARGV[at + 4] == '1' then
+    redis.call('ZADD', key, ARGV[4], ARGV[2])
+    redis.call('EXPIREAT', key, math.ceil(tonumber(ARGV[4])) + 60)
+    out[i + 1] = tostring(values[i] + 1)
+  else
+    out[i + 1] = redis.call('INCRBYFLOAT', key, ARGV[at + 1])
+    local ttl = tonumber(ARGV[at + 3])
+    if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+  end
+end
+return out
 """
 
-_ADD = """
-local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
-if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-return tostring(value)
+# KEYS: the adjusted counters, then the leases. ARGV: count of adjustments, lease_id,
+# then per adjustment amount, ttl (0: none).
+_SETTLE = """
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  local key, amount, ttl = KEYS[i], ARGV[1 + 2 * i], tonumber(ARGV[2 + 2 * i])
+  local value = tonumber(redis.call('INCRBYFLOAT', key, amount))
+  if value < 0 then redis.call('SET', key, '0', 'KEEPTTL') end
+  if ttl > 0 and redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
+end
+for i = n + 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[2]) end
+return 1
 """
 
 
@@ -182,8 +317,8 @@ class RedisStore(UsageStore):
 
         self._redis: Any = aioredis.from_url(url)
         self._prefix = prefix
-        self._reserve = self._redis.register_script(_RESERVE)
-        self._add = self._redis.register_script(_ADD)
+        self._admit = self._redis.register_script(_ADMIT)
+        self._settle = self._redis.register_script(_SETTLE)
 
     async def get_many(self, keys: Sequence[str]) -> list[float]:
         if not keys:
@@ -191,16 +326,43 @@ class RedisStore(UsageStore):
         values = await self._redis.mget([self._prefix + k for k in keys])
         return [float(v) if v is not None else 0.0 for v in values]
 
-    async def reserve(self, key: str, maximum: float, ttl_s: int | None) -> tuple[bool, float]:
-        done, value = await self._reserve(keys=[self._prefix + key], args=[maximum, ttl_s or 0])
-        return bool(done), float(value)
+    async def admit(
+        self, holds: Sequence[Hold], lease_id: str, lease_until: float, *, force: bool = False
+    ) -> tuple[int, list[float]]:
+        if not holds:
+            return -1, []
+        args: list[Any] = ["1" if force else "0", lease_id, repr(time.time()), repr(lease_until)]
+        for hold in holds:
+            args += [repr(hold.amount), repr(hold.maximum), hold.ttl_s or 0, int(hold.lease)]
+        index, *values = await self._admit(keys=[self._prefix + h.key for h in holds], args=args)
+        return int(index), [float(v) for v in values]
 
-    async def add(self, key: str, amount: float, ttl_s: int | None) -> float:
-        value = await self._add(keys=[self._prefix + key], args=[amount, ttl_s or 0])
-        return float(value)
+    async def settle(
+        self, adjustments: Sequence[Adjustment], leases: Sequence[str], lease_id: str
+    ) -> None:
+        if not adjustments and not leases:
+            return
+        args: list[Any] = [len(adjustments), lease_id]
+        for _, amount, ttl_s in adjustments:
+            args += [repr(amount), ttl_s or 0]
+        keys = [self._prefix + key for key, _, _ in adjustments]
+        await self._settle(keys=keys + [self._prefix + k for k in leases], args=args)
 
-    async def once(self, key: str, ttl_s: int) -> bool:
-        return bool(await self._redis.set(self._prefix + key, 1, nx=True, ex=ttl_s))
+    async def renew(self, leases: Sequence[tuple[str, str]], lease_until: float) -> None:
+        if not leases:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, lease_id in leases:
+                pipe.zadd(self._prefix + key, {lease_id: lease_until}, xx=True)
+                pipe.expireat(self._prefix + key, math.ceil(lease_until) + 60)
+            await pipe.execute()
+
+    async def lease_counts(self, keys: Sequence[str]) -> list[int]:
+        now = repr(time.time())
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.zcount(self._prefix + key, f"({now}", "+inf")
+            return [int(v) for v in await pipe.execute()]
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -1,22 +1,29 @@
 """Forwarding to the provider, and reading usage out of what passes through.
 
-Streams are relayed event by event as they arrive (no buffering beyond one SSE event);
-only the final usage event is parsed, to count usage, add ``usage.cost`` to it, or drop
-it when the proxy asked for it on the caller's behalf.
+Streams are relayed event by event as they arrive (no buffering beyond one SSE event,
+itself bounded); each event is parsed to note usage and the text sent (what a call is
+charged when upstream never reports usage), to add ``usage.cost`` to the usage event,
+or to drop that event when the proxy asked for it on the caller's behalf. The event
+that ends a stream is marked, so the call settles before the caller sees the end.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokenlay_otel._attributes import Usage, usage_of
 
-__all__ = ["StreamTap", "body_usage", "with_stream_usage"]
+from .estimate import text_bytes, valid_usage
+
+__all__ = ["MAX_EVENT_BYTES", "StreamTap", "body_usage", "with_stream_usage"]
 
 _USAGE_OPTION_PATHS = ("/chat/completions", "/completions")
+_FINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
+#: An SSE event larger than this is relayed without being read (its usage is lost).
+MAX_EVENT_BYTES = 1 << 20
 
 
 def with_stream_usage(path: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -30,69 +37,103 @@ def with_stream_usage(path: str, body: dict[str, Any]) -> tuple[dict[str, Any], 
     return {**body, "stream_options": {**options, "include_usage": True}}, True
 
 
-def body_usage(data: Any) -> tuple[Usage | None, str | None]:
-    """Usage and response model of a JSON response body."""
+def body_usage(data: Any) -> tuple[Usage | None, str | None, int]:
+    """Validated usage, response model, and UTF-8 bytes of output text of a JSON body."""
     if not isinstance(data, dict):
-        return None, None
+        return None, None, 0
     model = data.get("model") if isinstance(data.get("model"), str) else None
-    return usage_of(data.get("usage")), model
+    output = data.get("choices", data.get("output"))
+    return valid_usage(usage_of(data.get("usage"))), model, text_bytes(output)[0]
+
+
+def _event_text(event: dict[str, Any]) -> int:
+    kind = event.get("type")
+    if isinstance(kind, str):  # the Responses API: text arrives in "*.delta" events
+        delta = event.get("delta")
+        return len(delta.encode("utf-8", "surrogatepass")) if isinstance(delta, str) else 0
+    return text_bytes(event.get("choices"))[0]
 
 
 @dataclass
 class StreamTap:
-    """Relays SSE bytes, noting usage; calls ``price`` to put the cost into the chunk."""
+    """Reads SSE bytes on their way to the caller; ``price`` puts the cost in the chunk."""
 
     price: Callable[[Usage, str | None], float | None]
     drop_usage_chunk: bool
     usage: Usage | None = None
+    usage_refused: bool = False  # upstream sent usage that cannot be believed
     model: str | None = None
     cost: float | None = None
+    text_bytes: int = 0
+    _buffer: bytes = field(default=b"", repr=False)
+    _blind: bool = False  # an event went past the size bound: relay the rest unread
 
-    def _event(self, raw: bytes) -> bytes | None:
+    def _event(self, raw: bytes) -> tuple[bytes | None, bool]:
+        """(what to send, whether it ends the stream)."""
         text = raw.decode("utf-8", errors="replace")
         data_lines = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
-        if not data_lines or data_lines[0] == "[DONE]":
-            return raw
+        if not data_lines:
+            return raw, False
+        if data_lines[0] == "[DONE]":
+            return raw, True
         try:
             event = json.loads("\n".join(data_lines))
-        except ValueError:
-            return raw
+        except (ValueError, RecursionError):
+            return raw, False
         if not isinstance(event, dict):
-            return raw
+            return raw, False
         if isinstance(event.get("model"), str):
             self.model = event["model"]
-        if event.get("type") in ("response.completed", "response.incomplete"):
-            response = event.get("response") or {}
-            self.usage, self.model = body_usage(response)
-            if self.usage is not None:
-                self.cost = self.price(self.usage, self.model)
-            return raw
-        if event.get("usage") and not event.get("choices"):
-            self.usage = usage_of(event["usage"])
-            if self.usage is None:
-                return raw
-            self.cost = self.price(self.usage, self.model)
-            if self.drop_usage_chunk:
-                return None
-            if self.cost is not None:
-                event["usage"] = {**event["usage"], "cost": self.cost}
-            return f"data: {json.dumps(event)}\n\n".encode()
-        return raw
+        self.text_bytes += _event_text(event)
+        if event.get("type") in _FINAL_TYPES:
+            response = event.get("response")
+            present = isinstance(response, dict) and response.get("usage") is not None
+            self._note(*body_usage(response)[:2], present=present)
+            return raw, True
+        if not isinstance(event.get("usage"), dict):
+            return raw, False
+        self._note(valid_usage(usage_of(event["usage"])), self.model, present=True)
+        if event.get("choices"):
+            return raw, False
+        if self.drop_usage_chunk:
+            return None, False
+        if self.cost is not None:
+            event["usage"] = {**event["usage"], "cost": self.cost}
+            return f"data: {json.dumps(event)}\n\n".encode(), False
+        return raw, False
 
-    async def relay(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        buffer = b""
-        async for chunk in chunks:
-            buffer += chunk
-            while True:
-                # An SSE event ends at a blank line (\n\n, or \r\n\r\n).
-                ends = [i for i in (buffer.find(b"\n\n"), buffer.find(b"\r\n\r\n")) if i >= 0]
-                if not ends:
-                    break
-                end = min(ends)
-                size = 4 if buffer[end : end + 4] == b"\r\n\r\n" else 2
-                raw, buffer = buffer[: end + size], buffer[end + size :]
-                out = self._event(raw)
-                if out is not None:
-                    yield out
-        if buffer:
-            yield buffer
+    def _note(self, usage: Usage | None, model: str | None, *, present: bool) -> None:
+        self.model = model or self.model
+        if usage is None:
+            self.usage_refused |= present
+            return
+        self.usage = usage
+        self.cost = self.price(usage, self.model)
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes, bool]]:
+        """The events completed by ``chunk``: (bytes to send, ends the stream)."""
+        if self._blind:
+            return [(chunk, False)]
+        buffer = self._buffer + chunk
+        out: list[tuple[bytes, bool]] = []
+        while True:
+            # An SSE event ends at a blank line (\n\n, or \r\n\r\n).
+            ends = [i for i in (buffer.find(b"\n\n"), buffer.find(b"\r\n\r\n")) if i >= 0]
+            if not ends:
+                break
+            end = min(ends)
+            size = 4 if buffer[end : end + 4] == b"\r\n\r\n" else 2
+            raw, buffer = buffer[: end + size], buffer[end + size :]
+            sent, final = self._event(raw)
+            if sent is not None:
+                out.append((sent, final))
+        if len(buffer) > MAX_EVENT_BYTES:
+            out.append((buffer, False))
+            self._blind, buffer = True, b""
+        self._buffer = buffer
+        return out
+
+    def flush(self) -> bytes:
+        """What is left of an unfinished last event."""
+        rest, self._buffer = self._buffer, b""
+        return rest

@@ -1,0 +1,524 @@
+"""One admitted call, from its reservation to its settlement, exactly once.
+
+The exits, written down first (STYLE §14), and what each is charged:
+
+=====================  ===========================================================
+exit                   charge
+=====================  ===========================================================
+done                   the usage upstream reported (validated)
+client_gone            read on to upstream's usage, bounded in time and in number
+                       of drains; if none came, the estimate below
+upstream_cut           the estimate: input from the request, output from the text
+                       relayed (a cut JSON body: the reserved output)
+shutdown               as upstream_cut, once the drains are stopped
+upstream_error         nothing (providers do not bill errors); a server error or a
+                       429 also gives the request back, so a retry is not counted twice
+upstream_unreachable   nothing; the request is given back
+error (our own bug)    as upstream_cut when upstream was asked, else nothing
+=====================  ===========================================================
+
+A call runs in a task of the gateway's, not in the server's request task, so neither
+a disconnect nor the server's shutdown can cancel it; it ends by its own deadline (a
+drain's, or the gateway's at shutdown). Settling is one task, started once and awaited
+behind a shield. A stream settles before its last event is sent, so a caller who reads
+to the end never meets its own finished call still holding a slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httpx2
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from tokenlay_otel._attributes import Usage
+
+from .connect import refused_by_policy
+from .estimate import input_tokens, output_cap, text_tokens
+from .limits import Decision, Reservation
+from .upstream import StreamTap, body_usage, with_stream_usage
+
+if TYPE_CHECKING:
+    from .app import ASGIReceive, ASGISend, Gateway
+
+__all__ = ["Call", "Incoming", "error_body"]
+
+_log = logging.getLogger("tokenlay_otel.proxy")
+#: A JSON answer larger than this is not read whole (the call is charged its estimate).
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+# Failures that mean the request never reached the provider.
+_NEVER_SENT = (
+    httpx2.ConnectError,
+    httpx2.ConnectTimeout,
+    httpx2.PoolTimeout,
+    httpx2.UnsupportedProtocol,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A request the gateway has read and checked."""
+
+    method: str
+    suffix: str  # the path after /v1
+    query: str
+    endpoint: str | None  # a metered endpoint (chat/completions, ...) or None
+    body: bytes
+    data: dict[str, Any] | None  # the JSON body of a metered endpoint
+    metadata: dict[str, str]
+    provider_key: str
+    provider_base: str | None  # None with the mock upstream
+    base: str
+    content_type: str
+    forwarded: dict[str, str]
+
+
+def error_body(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "code": code, "param": None}}
+
+
+def _decision_headers(decision: Decision, requested_model: str | None) -> dict[str, str]:
+    headers = {"x-tokenlay-rule-action": decision.action}
+    if decision.rule is not None:
+        headers["x-tokenlay-rule-id"] = decision.rule.id
+        headers["x-tokenlay-limit-exceeded"] = "true" if decision.limit_exceeded else "false"
+    if decision.warnings:
+        headers["x-tokenlay-warnings"] = json.dumps(decision.warnings)
+    if decision.model and decision.model != requested_model:
+        headers["x-tokenlay-model"] = decision.model
+    return headers
+
+
+def _usage_headers(usage: Usage, cost: float | None, started: float) -> dict[str, str]:
+    headers = {"x-tokenlay-duration": str(int((time.perf_counter() - started) * 1000))}
+    if cost is not None:
+        headers["x-tokenlay-cost"] = f"{cost:.10f}".rstrip("0").rstrip(".") or "0"
+    if usage.input_tokens is not None:
+        headers["x-tokenlay-input-tokens"] = str(usage.input_tokens)
+    if usage.output_tokens is not None:
+        headers["x-tokenlay-output-tokens"] = str(usage.output_tokens)
+    headers["x-tokenlay-tokens-used"] = str((usage.input_tokens or 0) + (usage.output_tokens or 0))
+    return headers
+
+
+def _cost(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) and value >= 0 else None
+
+
+class Call:
+    """One request the gateway runs; see the module docstring for its exits."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        incoming: Incoming,
+        span: Span,
+        receive: ASGIReceive,
+        send: ASGISend,
+        started: float,
+    ) -> None:
+        self.gw = gateway
+        self.incoming = incoming
+        self.span = span
+        self.receive = receive
+        self.send = send
+        self.started = started
+        self.decision: Decision | None = None
+        self.exit = "error"
+        self.gone = False
+        self.response_started = False
+        self.finished = False
+        data = incoming.data or {}
+        model = data.get("model")
+        self.requested = model if isinstance(model, str) else None
+        self.model = self.requested
+        metered = incoming.endpoint is not None
+        self.input_estimate = input_tokens(data) if metered else 0
+        default = gateway.config.default_output_tokens
+        self.output_cap = output_cap(data, incoming.endpoint, default) if metered else 0
+        # What is known of the usage when the call settles.
+        self.asked = False  # the request went upstream
+        self.answered = False  # upstream's status was a success
+        self.refund = False  # give the request back
+        self.usage: Usage | None = None
+        self.text_bytes = 0
+        self.body_lost = False  # a JSON answer that could not be read
+        self.tap: StreamTap | None = None
+        self._deadline: asyncio.Timeout | None = None
+        self._draining = False
+        self._settlement: asyncio.Future[None] | None = None
+
+    def price(self, usage: Usage, model: str | None) -> float | None:
+        models = (model, self.model, self.requested)
+        return _cost(self.gw.config.prices.cost(usage, models, self.incoming.provider_base))
+
+    def _estimate(self, model: str | None) -> Reservation:
+        tokens = self.input_estimate + self.output_cap
+        if not tokens:
+            return Reservation(0, 0.0)
+        return Reservation(tokens, self.price(Usage(self.input_estimate, self.output_cap), model))
+
+    # --- the lifecycle ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.gw.calls.add(self)
+        watcher = asyncio.get_running_loop().create_task(self._watch())
+        try:
+            decision = await self.gw.enforcer.decide(
+                dict(self.incoming.metadata), self.requested, self._estimate
+            )
+            self.decision = decision
+            self.model = decision.model or self.requested
+            self._record_decision(decision)
+            headers = _decision_headers(decision, self.requested)
+            if decision.blocked:
+                self.exit = "blocked"
+                await self._blocked(decision, headers)
+                return
+            if self.gone:
+                self.exit, self.refund = "client_gone", True
+                return
+            try:
+                async with asyncio.timeout(None) as self._deadline:
+                    if self.gw.closing:
+                        self._reschedule(0)
+                    await self._forward(decision, headers)
+            except TimeoutError:
+                self.exit = "shutdown" if self.gw.closing else "client_gone"
+            finally:
+                self._deadline = None
+        except Exception:
+            _log.exception("the proxy failed on a call")
+            self.span.set_status(Status(StatusCode.ERROR, "internal error"))
+            if not self.response_started:
+                await self._send_error(500, "the proxy failed on this call", "proxy_error")
+        finally:
+            watcher.cancel()
+            if self._draining:
+                self.gw.drains -= 1
+            if self.decision is not None and not self.decision.blocked:
+                await self._settle()
+            self.gw.calls.discard(self)
+            self.span.end()
+
+    async def _watch(self) -> None:
+        """Notice the client leaving (the ASGI server says so through ``receive``)."""
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                if not self.finished:
+                    self._client_gone()
+                return
+
+    def _client_gone(self) -> None:
+        self.gone = True
+        if self._settlement is not None:
+            return
+        if self.decision is not None and self.decision.leases:
+            # The caller is free to call again at once; what the call used is still
+            # settled below, once upstream has said it.
+            self.gw.spawn(self._release_leases(self.decision))
+        if self._deadline is None:
+            return
+        config, now = self.gw.config, asyncio.get_running_loop().time()
+        if not self.gw.closing and not self._draining and self.gw.drains < config.max_drains:
+            # Read on for the usage the provider bills, for a while.
+            self.gw.drains += 1
+            self._draining = True
+            self._reschedule(now + config.drain_timeout_s)
+        else:
+            self._reschedule(now)
+
+    async def _release_leases(self, decision: Decision) -> None:
+        try:
+            await self.gw.enforcer.release_leases(decision)
+        except Exception:
+            _log.error("could not release a call's concurrency leases", exc_info=True)
+
+    def stop(self) -> None:
+        """Shutdown: end the call where it is; it settles on what it has read."""
+        self._reschedule(0)
+
+    def _reschedule(self, when: float) -> None:
+        if self._deadline is not None and not self._deadline.expired():
+            with contextlib.suppress(RuntimeError):  # already expiring
+                self._deadline.reschedule(when)
+
+    # --- upstream --------------------------------------------------------------------
+
+    async def _forward(self, decision: Decision, headers: dict[str, str]) -> None:
+        incoming, client = self.incoming, self.gw.client
+        content = incoming.body
+        injected = False
+        if incoming.data is not None:
+            data = incoming.data
+            if decision.model and decision.model != self.requested:
+                data = {**data, "model": decision.model}
+            data, injected = with_stream_usage(incoming.suffix, data)
+            if data is not incoming.data:
+                content = json.dumps(data).encode()
+        out = {"authorization": f"Bearer {incoming.provider_key or 'mock'}", **incoming.forwarded}
+        if incoming.method != "GET":
+            out["content-type"] = incoming.content_type or "application/json"
+        upstream_span = self.gw.tracer.start_span(
+            f"upstream {incoming.method} {incoming.suffix}",
+            context=trace.set_span_in_context(self.span),
+            kind=SpanKind.CLIENT,
+        )
+        with trace.use_span(upstream_span, end_on_exit=False):
+            propagate.inject(out)
+        url = incoming.base + incoming.suffix + (f"?{incoming.query}" if incoming.query else "")
+        request = client.build_request(
+            incoming.method, url, headers=out, content=content if incoming.method != "GET" else None
+        )
+        self.asked = True
+        sent = time.perf_counter()
+        try:
+            upstream = await client.send(request, stream=True)
+        except Exception as exc:
+            upstream_span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            upstream_span.end()
+            await self._unreachable(exc, headers)
+            return
+        upstream_span.set_attribute("http.response.status_code", upstream.status_code)
+        upstream_span.end()
+        status = upstream.status_code
+        self.gw.upstream_duration.record(
+            time.perf_counter() - sent, {"http.response.status_code": status}
+        )
+        try:
+            await self._respond(upstream, headers, injected)
+        finally:
+            await upstream.aclose()
+
+    async def _unreachable(self, exc: Exception, headers: dict[str, str]) -> None:
+        host = self.incoming.base.split("/")[2]
+        reason = refused_by_policy(exc)
+        if reason or isinstance(exc, _NEVER_SENT) or not isinstance(exc, httpx2.HTTPError):
+            self.asked, self.refund = False, True
+            self.exit = "provider_refused" if reason else "upstream_unreachable"
+        else:  # sent, and lost on the way back: the provider may have done the work
+            self.exit = "upstream_cut"
+        await self._settle()
+        if reason:
+            _log.warning("provider %s refused by the allow-list: %s", host, reason)
+            await self._send_error(403, reason, "provider_not_allowed", headers)
+            return
+        _log.warning("upstream %s unreachable: %s", host, type(exc).__name__)
+        message = f"the provider at {host} could not be reached ({type(exc).__name__})"
+        await self._send_error(502, message, "upstream_unreachable", headers)
+
+    async def _respond(
+        self, upstream: httpx2.Response, headers: dict[str, str], injected: bool
+    ) -> None:
+        status = upstream.status_code
+        content_type = upstream.headers.get("content-type", "")
+        metered = self.incoming.endpoint is not None
+        if status >= 400:
+            self.exit, self.refund = "upstream_error", status >= 500 or status == 429
+            payload = await self._read_whole(upstream)
+            await self._settle()
+            await self._send_whole(status, payload or b"", content_type, headers)
+            return
+        self.answered = True
+        if "text/event-stream" in content_type or not metered:
+            if metered:
+                self.tap = StreamTap(price=self.price, drop_usage_chunk=injected)
+            await self._relay(upstream, status, content_type, headers)
+            return
+        payload = await self._read_whole(upstream)
+        if payload is None:
+            self.exit, self.body_lost = "upstream_cut", True
+            await self._settle()
+            await self._send_error(502, "the provider's answer was cut", "upstream_cut", headers)
+            return
+        usage, model, self.text_bytes = body_usage(_json_or_none(payload))
+        self.usage, self.model = usage, model or self.model
+        self.exit = "done"
+        await self._settle()
+        if usage is not None:
+            headers.update(_usage_headers(usage, self.price(usage, self.model), self.started))
+        await self._send_whole(status, payload, content_type, headers)
+
+    async def _read_whole(self, upstream: httpx2.Response) -> bytes | None:
+        """The answer's body, or ``None`` when it was cut or too large."""
+        chunks, size = [], 0
+        try:
+            async for chunk in upstream.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_RESPONSE_BYTES:
+                    _log.warning("an upstream answer passed %d bytes", MAX_RESPONSE_BYTES)
+                    return None
+                chunks.append(chunk)
+        except httpx2.HTTPError as exc:
+            _log.info("the upstream answer was cut: %s", type(exc).__name__)
+            return None
+        return b"".join(chunks)
+
+    async def _relay(
+        self, upstream: httpx2.Response, status: int, content_type: str, headers: dict[str, str]
+    ) -> None:
+        tap = self.tap
+        await self._start(status, content_type or "text/event-stream", headers)
+        try:
+            async for chunk in upstream.aiter_bytes():
+                for data, final in tap.feed(chunk) if tap is not None else ((chunk, False),):
+                    if final:
+                        self.exit = "client_gone" if self.gone else "done"
+                        await self._settle()
+                    await self._body(data)
+        except httpx2.HTTPError as exc:
+            self.exit = "upstream_cut"
+            _log.info("the upstream stream was cut: %s", type(exc).__name__)
+        else:
+            self.exit = "client_gone" if self.gone else "done"
+        rest = tap.flush() if tap is not None else b""
+        await self._settle()
+        await self._body(rest, more=False)
+
+    # --- settlement ------------------------------------------------------------------
+
+    async def _settle(self) -> None:
+        if self._settlement is None:
+            self._settlement = asyncio.ensure_future(self._do_settle())
+        await asyncio.shield(self._settlement)
+
+    def _charge(self) -> tuple[int, float | None, str]:
+        """(tokens, cost, where they come from: upstream, estimated or none)."""
+        tap = self.tap
+        if tap is not None:
+            self.usage, self.text_bytes = tap.usage, tap.text_bytes
+            self.model = tap.model or self.model
+        if self.usage is not None:
+            usage = self.usage
+            tokens = (usage.input_tokens or 0) + (usage.output_tokens or 0)
+            return tokens, self.price(usage, self.model), "upstream"
+        if self.incoming.endpoint is None or not self.asked or self.exit == "upstream_error":
+            return 0, 0.0, "none"
+        output = self.output_cap if self.body_lost else text_tokens(self.text_bytes)
+        estimate = Usage(self.input_estimate, output)
+        return self.input_estimate + output, self.price(estimate, self.model), "estimated"
+
+    async def _do_settle(self) -> None:
+        tokens, cost, source = self._charge()
+        decision = self.decision
+        try:
+            if decision is not None:
+                await self.gw.enforcer.settle(
+                    decision,
+                    tokens=tokens,
+                    cost=cost,
+                    estimated=source == "estimated",
+                    refund_request=self.refund,
+                )
+        except Exception:
+            # The leases still expire, and the reservation stays counted: a lost
+            # settlement over-counts, never under-counts.
+            _log.error("could not settle a call in the store", exc_info=True)
+        span = self.span
+        span.set_attribute("tokenlay.proxy.exit", self.exit)
+        span.set_attribute("tokenlay.usage.source", source)
+        if source != "none":
+            span.set_attribute("gen_ai.usage.input_tokens", self._input(source))
+            span.set_attribute("gen_ai.usage.output_tokens", tokens - self._input(source))
+            if cost is not None:
+                span.set_attribute("tokenlay.cost.usd", cost)
+        self.gw.settlements.add(
+            1, {"tokenlay.proxy.exit": self.exit, "tokenlay.usage.source": source}
+        )
+        if source == "estimated":
+            _log.warning(
+                "no usage from upstream for a %s call (%s): charged an estimate of %d tokens",
+                self.incoming.endpoint,
+                self.exit,
+                tokens,
+            )
+
+    def _input(self, source: str) -> int:
+        if source == "upstream" and self.usage is not None:
+            return self.usage.input_tokens or 0
+        return self.input_estimate
+
+    # --- telemetry and responses -----------------------------------------------------
+
+    def _record_decision(self, decision: Decision) -> None:
+        span = self.span
+        for name in ("user", "org", "plan", "project", "feature"):
+            if name in self.incoming.metadata:
+                span.set_attribute(f"tokenlay.{name}", self.incoming.metadata[name])
+        attrs = {"tokenlay.rule.action": decision.action}
+        if decision.rule is not None:
+            attrs["tokenlay.rule.id"] = decision.rule.id
+            span.set_attribute("tokenlay.limit_exceeded", decision.limit_exceeded)
+        span.set_attributes(attrs)
+        if self.requested:
+            span.set_attribute("gen_ai.request.model", self.requested)
+        if decision.model and decision.model != self.requested:
+            span.set_attribute("tokenlay.model", decision.model)
+        self.gw.decisions.add(1, attrs)
+
+    async def _blocked(self, decision: Decision, headers: dict[str, str]) -> None:
+        extra = {**headers, "x-should-retry": "false"}
+        if decision.retry_after_s is not None:
+            extra["retry-after"] = str(decision.retry_after_s)
+        message = decision.error_message or "blocked"
+        await self._send_error(
+            decision.http_status, message, decision.error_code, extra, kind="tokenlay_limit"
+        )
+
+    async def _send_error(
+        self,
+        status: int,
+        message: str,
+        code: str | None,
+        headers: dict[str, str] | None = None,
+        *,
+        kind: str = "upstream_error",
+    ) -> None:
+        payload = json.dumps(error_body(message, kind, code)).encode()
+        await self._send_whole(status, payload, "application/json", headers or {})
+
+    async def _send_whole(
+        self, status: int, payload: bytes, content_type: str, headers: dict[str, str]
+    ) -> None:
+        headers = {**headers, "content-length": str(len(payload))}
+        await self._start(status, content_type, headers)
+        await self._body(payload, more=False)
+
+    async def _start(self, status: int, content_type: str, headers: dict[str, str]) -> None:
+        self.span.set_attribute("http.response.status_code", status)
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        if content_type:
+            raw.append((b"content-type", content_type.encode("latin-1")))
+        self.response_started = True
+        await self._send({"type": "http.response.start", "status": status, "headers": raw})
+
+    async def _body(self, data: bytes, *, more: bool = True) -> None:
+        if not more:
+            self.finished = True
+        if data or not more:
+            await self._send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if self.gone:
+            return
+        try:
+            await self.send(message)
+        except OSError:  # servers that raise on a closed connection (ASGI 2.4)
+            if not self.gone:
+                self._client_gone()
+
+
+def _json_or_none(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError):
+        return None

@@ -1,0 +1,267 @@
+"""A hostile caller against the real gateway: where it may connect, what it may send,
+which bucket it lands in. Each test names the finding it reproduces."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+
+from tokenlay_otel.proxy import parse_rules
+from tokenlay_otel.proxy.local import local_proxy
+from tokenlay_otel.testing import FakeOpenAIServer
+
+from .conftest import PROVIDER_KEY
+from .proxy_harness import PROXY_KEY
+from .proxy_store_view import StoreView, redis_url, store, wait_for
+
+__all__ = ["redis_url", "store"]  # fixtures
+
+MESSAGES = [{"role": "user", "content": "Hello"}]
+CHAT = {"model": "gpt-4o-mini", "messages": MESSAGES}
+
+
+@contextmanager
+def gateway(view: StoreView, limits: Any = (), **config: Any) -> Iterator[str]:
+    with local_proxy(rules=limits, keys=(PROXY_KEY,), store=view.make(), **config) as url:
+        yield url
+
+
+def requests_per_user(maximum: int, window: str) -> Any:
+    limit = {"type": "requests", "max": maximum, "window": window, "per": "user"}
+    return parse_rules([{"id": "per-user", "if": {}, "then": {"limits": [limit]}}])
+
+
+def auth(base: str | None = None, **extra: str) -> dict[str, str]:
+    out = {"authorization": f"Bearer {PROXY_KEY}", "x-tokenlay-provider-key": PROVIDER_KEY}
+    if base is not None:
+        out["x-tokenlay-provider-base"] = base
+    return {**out, **extra}
+
+
+# --- finding 5: SSRF ------------------------------------------------------------------------
+
+
+def test_the_caller_cannot_point_the_proxy_at_a_loopback_service(store: StoreView) -> None:
+    with FakeOpenAIServer() as secret, gateway(store, mock_upstream=False) as proxy:
+        for base in (secret.url, secret.url + "/v1", proxy, "http://localhost:1/v1"):
+            r = httpx2.post(proxy + "/v1/chat/completions", json=CHAT, headers=auth(base))
+            assert r.status_code == 403, base
+            assert r.json()["error"]["code"] == "provider_not_allowed"
+            assert "--allow-provider" in r.json()["error"]["message"]
+        r = httpx2.get(proxy + "/v1/models", headers=auth(secret.url))
+        assert r.status_code == 403
+        assert secret.requests == []
+        assert store.counters() == {} and store.leases() == 0
+
+
+@pytest.mark.parametrize(
+    ("base", "problem"),
+    [
+        ("https://api.openai.com/v1?", "query"),
+        ("https://api.openai.com/v1?x=1", "query"),
+        ("https://api.openai.com/v1#", "fragment"),
+        ("https://user:pw@api.openai.com/v1", "user"),
+        ("https://api.openai.com:99999/v1", "port"),
+        ("ftp://api.openai.com/v1", "scheme"),
+        ("https://api.openai.com/v1/../secret", ".."),
+    ],
+)
+def test_a_base_that_could_reach_another_path_or_host_is_a_400(
+    store: StoreView, base: str, problem: str
+) -> None:
+    with gateway(store, mock_upstream=False) as proxy:
+        r = httpx2.post(proxy + "/v1/chat/completions", json=CHAT, headers=auth(base))
+    assert r.status_code == 400
+    assert problem in r.json()["error"]["message"]
+
+
+def test_an_allowed_provider_is_reached_and_others_are_not(store: StoreView) -> None:
+    with (
+        FakeOpenAIServer() as allowed,
+        FakeOpenAIServer() as other,
+        gateway(store, mock_upstream=False, allow_providers=(allowed.url,)) as proxy,
+    ):
+        base = allowed.url + "/v1"
+        ok = httpx2.post(proxy + "/v1/chat/completions", json=CHAT, headers=auth(base))
+        assert ok.status_code == 200
+        assert allowed.requests[-1].headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+        no = httpx2.post(proxy + "/v1/chat/completions", json=CHAT, headers=auth(other.url))
+        assert no.status_code == 403
+        # A path that climbs out of /v1 is refused before anything is sent.
+        r = httpx2.post(proxy + "/v1/chat/%2e%2e/%2e%2e/secret", json=CHAT, headers=auth(base))
+        assert r.status_code == 400
+        assert [q.path for q in allowed.requests] == ["/v1/chat/completions"]
+        assert other.requests == []
+
+
+def test_get_requests_pass_auth_and_rules(store: StoreView) -> None:
+    limits = requests_per_user(5, "minute")
+    with gateway(store, limits) as proxy:
+        r = httpx2.get(proxy + "/v1/models", headers={"authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        statuses = [
+            httpx2.get(proxy + "/v1/models", headers=auth(**{"x-tokenlay-user": "g"})).status_code
+            for _ in range(12)
+        ]
+    assert statuses == [200] * 5 + [429] * 7
+
+
+# --- finding 8: bodies ----------------------------------------------------------------------
+
+
+def test_bodies_are_bounded_and_bad_json_of_any_shape_is_a_400(store: StoreView) -> None:
+    with gateway(store, max_body_bytes=1024 * 1024) as proxy:
+        post = proxy + "/v1/chat/completions"
+        big = b'{"model": "m", "x": "' + b"a" * (2 * 1024 * 1024) + b'"}'
+        r = httpx2.post(post, content=big, headers=auth())
+        assert r.status_code == 413
+        # Without a content-length (chunked), the bound holds while reading.
+        r = httpx2.post(post, content=iter([big[:600_000], big[600_000:]]), headers=auth())
+        assert r.status_code == 413
+        for body in (
+            b"[" * 100_000 + b"]" * 100_000,
+            b"{not json",
+            b"[1, 2]",
+            b'"text"',
+            b"\xff\xfe",
+            b'{"a": ' * 5000 + b"1" + b"}" * 5000,
+        ):
+            r = httpx2.post(post, content=body, headers=auth())
+            assert r.status_code == 400, body[:20]
+            assert r.json()["error"]["type"] == "invalid_request_error"
+        assert store.counters() == {} and store.leases() == 0
+
+
+def test_a_slow_body_is_a_408_and_a_client_leaving_mid_body_is_no_traceback(
+    store: StoreView, caplog: pytest.LogCaptureFixture
+) -> None:
+    with gateway(store, body_timeout_s=0.3) as proxy:
+        port = int(proxy.rsplit(":", 1)[1])
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {PROXY_KEY}"
+            "\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(head + b'{"model"')
+            answer = s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408")
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(head + b'{"model"')
+        time.sleep(0.2)
+    noisy = [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name.startswith(("tokenlay_otel", "uvicorn"))
+    ]
+    assert noisy == []
+
+
+# --- finding 9: buckets ---------------------------------------------------------------------
+
+
+def test_anonymous_calls_get_a_bucket_no_value_can_name(store: StoreView) -> None:
+    limits = requests_per_user(2, "hour")
+    with gateway(store, limits) as proxy:
+        post = proxy + "/v1/chat/completions"
+        anonymous = [httpx2.post(post, json=CHAT, headers=auth()).status_code for _ in range(3)]
+        named = [
+            httpx2.post(post, json=CHAT, headers=auth(**{"x-tokenlay-user": name})).status_code
+            for name in ("None", "*", "%2A", "None")
+        ]
+    assert anonymous == [200, 200, 429]
+    # "None" and "*" are users of their own ("%2A" is "*" percent-encoded, so "*" again).
+    assert named == [200, 200, 200, 200]
+    keys = {k.split(":")[2]: v for k, v in store.counters().items()}
+    assert keys == {"user=*": 2.0, "user=None": 2.0, "user=%2A": 2.0}
+
+
+def test_a_utf8_value_names_one_user_however_it_is_sent(store: StoreView) -> None:
+    limits = requests_per_user(10, "hour")
+    with gateway(store, limits) as proxy:
+        port = int(proxy.rsplit(":", 1)[1])
+        body = json.dumps(CHAT).encode()
+        for value in ("alicé".encode(), b"alic%C3%A9"):
+            request = (
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
+                + PROXY_KEY.encode()
+                + b"\r\nx-tokenlay-user: "
+                + value
+                + b"\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                + b"content-length: %d\r\n\r\n" % len(body)
+                + body
+            )
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(request)
+                assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        r = httpx2.post(
+            proxy + "/v1/chat/completions",
+            json=CHAT,
+            headers={**auth(), "x-tokenlay-user": "bad%FFvalue"},
+        )
+        assert r.status_code == 400
+        assert "x-tokenlay-user" in r.json()["error"]["message"]
+    assert {k: v for k, v in store.counters().items() if "alic" in k} == {
+        next(k for k in store.counters() if "alic" in k): 2.0
+    }
+
+
+# --- finding 10: a proxy killed mid-stream ---------------------------------------------------
+
+
+def test_a_killed_proxy_frees_its_slots_within_one_lease(tmp_path: Any) -> None:
+    from .proxy_harness import proxy_subprocess
+
+    rules_file = tmp_path / "rules.json"
+    rules_file.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "one",
+                    "if": {},
+                    "then": {"limits": [{"type": "concurrent", "max": 1, "per": "user"}]},
+                }
+            ]
+        )
+    )
+    db = tmp_path / "usage.db"
+    view = StoreView("sqlite", db)
+    common = ("--mock-upstream", "--rules", str(rules_file), "--db", str(db))
+    with proxy_subprocess(*common, "--lease-seconds", "1") as (first, process):
+        with httpx2.stream(
+            "POST",
+            first + "/v1/chat/completions",
+            json={**CHAT, "stream": True},
+            headers=auth(**{"x-tokenlay-user": "k"}),
+        ) as response:
+            assert response.status_code == 200
+            assert view.leases() == 1
+            process.kill()  # SIGKILL: no shutdown, no settlement
+            process.wait()
+            with pytest.raises(httpx2.HTTPError):
+                response.read()
+        killed = time.monotonic()
+        assert wait_for(lambda: view.leases() == 0, timeout=5)
+        assert time.monotonic() - killed < 3
+    with proxy_subprocess(*common, "--lease-seconds", "1") as (second, _):
+        r = httpx2.post(
+            second + "/v1/chat/completions", json=CHAT, headers=auth(**{"x-tokenlay-user": "k"})
+        )
+        assert r.status_code == 200
+
+
+def test_openai_errors_keep_their_types_through_the_gateway(store: StoreView) -> None:
+    with gateway(store) as proxy:
+        client = openai.OpenAI(base_url=proxy + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
+    assert wait_for(lambda: store.leases() == 0)

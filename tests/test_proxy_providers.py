@@ -1,0 +1,602 @@
+"""The provider allow-list (pure) and the SSRF-proof upstream transport (real sockets on
+127.0.0.1 only; public names never reach DNS: every test that uses one injects a resolver)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import httpcore2
+import httpx2
+import pytest
+
+from tokenlay_otel.proxy.connect import _with_pool, refused_by_policy, upstream_transport
+from tokenlay_otel.proxy.providers import DEFAULT_PROVIDERS, AllowList, ProviderError
+
+DEFAULTS = AllowList.build()
+
+
+# --- check_base -------------------------------------------------------------------------
+
+
+def _sample_base(pattern: str) -> str:
+    return pattern.replace("*.", "myres.") + "/v1"
+
+
+@pytest.mark.parametrize("pattern", DEFAULT_PROVIDERS)
+def test_every_default_provider_accepts_its_base(pattern: str) -> None:
+    assert pattern.startswith("https://")
+    assert DEFAULTS.check_base(_sample_base(pattern)) == _sample_base(pattern)
+
+
+@pytest.mark.parametrize(
+    ("base", "normalized"),
+    [
+        ("https://api.openai.com/v1", "https://api.openai.com/v1"),
+        ("https://api.openai.com", "https://api.openai.com"),
+        ("https://api.openai.com/v1/", "https://api.openai.com/v1"),
+        ("HTTPS://API.OpenAI.COM:443/v1", "https://api.openai.com/v1"),
+        (
+            "https://myres.openai.azure.com/openai/deployments/x",
+            "https://myres.openai.azure.com/openai/deployments/x",
+        ),
+        ("https://a.b.openai.azure.com/openai", "https://a.b.openai.azure.com/openai"),
+        (
+            "https://myres.cognitiveservices.azure.com/v1",
+            "https://myres.cognitiveservices.azure.com/v1",
+        ),
+        ("https://api.anthropic.com/v1", "https://api.anthropic.com/v1"),
+        (
+            "https://generativelanguage.googleapis.com/v1beta/openai",
+            "https://generativelanguage.googleapis.com/v1beta/openai",
+        ),
+        ("https://openrouter.ai/api/v1", "https://openrouter.ai/api/v1"),
+        (
+            "https://api.cloudflare.com/client/v4/accounts/abc/ai/v1",
+            "https://api.cloudflare.com/client/v4/accounts/abc/ai/v1",
+        ),
+    ],
+)
+def test_check_base_normalizes(base: str, normalized: str) -> None:
+    assert DEFAULTS.check_base(base) == normalized
+
+
+@pytest.mark.parametrize(
+    ("base", "problem"),
+    [
+        ("http://user:pw@api.openai.com/v1", "user info"),
+        ("https://api.openai.com@evil.com/v1", "user info"),
+        ("https://api.openai.com/v1?", "a query ('?')"),
+        ("https://api.openai.com/v1?x=1", "a query ('?')"),
+        ("https://api.openai.com/v1#", "a fragment ('#')"),
+        ("https://api.openai.com:99999/v1", "port '99999'"),
+        ("https://api.openai.com:0/v1", "port '0'"),
+        ("https://api.openai.com:/v1", "port ''"),
+        ("https://api.openai.com:44a/v1", "port '44a'"),
+        ("https://api.openai.com:-1/v1", "port '-1'"),
+        ("ftp://api.openai.com/v1", "scheme 'ftp'"),
+        ("file:///etc/passwd", "scheme 'file'"),
+        ("api.openai.com/v1", "must start with https:// or http://"),
+        ("https:/api.openai.com/v1", "must start with https:// or http://"),
+        ("https:///v1", "has no host"),
+        ("https://api.openai.com/v1/../admin", "'..' segment"),
+        ("https://api.openai.com/./v1", "'.'"),
+        ("https://api.openai.com//v1", "empty"),
+        ("https://api.openai.com/v1/%2e%2e/admin", "'%2e'"),
+        ("https://api.openai.com/v1/%2E%2E/admin", "'%2e'"),
+        ("https://api.openai.com/v1%2Fadmin", "'%2f'"),
+        ("https://api.openai.com/v1%5cadmin", "'%5c'"),
+        ("https://api.openai.com/v1%zz", "%XX"),
+        ("https://api.openai.com/v1\\admin", "backslash"),
+        ("https://api.openai.com /v1", "contains ' '"),
+        ("https://api.openai.com/v1\n", "contains '\\n'"),
+        ("https://api.openai.com/v1\t", "contains '\\t'"),
+        ("https://api.openai.com/v1\x00", "contains '\\x00'"),
+        ("https://\u0430pi.openai.com/v1", "printable ASCII"),
+        ("https://api.openai.com./v1", "not a valid host name"),
+        ("https://api..openai.com/v1", "not a valid host name"),
+        ("https://-api.openai.com/v1", "not a valid host name"),
+        ("https://2130706433/v1", "not a dotted-quad"),
+        ("https://127.1/v1", "not a dotted-quad"),
+        ("https://0x7f.0.0.1/v1", "not a dotted-quad"),
+        ("https://0177.0.0.1/v1", "not a dotted-quad"),
+        ("https://[::1/v1", "unclosed '['"),
+        ("https://[fe80::1%25eth0]/v1", "not an IPv6 address"),
+        ("https://[1.2.3.4]/v1", "not an IPv6 address"),
+        ("https://[::1]x/v1", "'x' after the host"),
+        ("https://*.openai.azure.com/v1", "'*'"),
+        ("https://*/v1", "'*' alone"),
+        ("", "is empty"),
+        ("https://api.openai.com/" + "a" * 3000, "longer than 2048"),
+    ],
+)
+def test_check_base_refuses_malformed(base: str, problem: str) -> None:
+    with pytest.raises(ProviderError) as info:
+        DEFAULTS.check_base(base)
+    assert (info.value.status, info.value.code) == (400, "invalid_provider_base")
+    assert str(info.value).startswith("provider base ")
+    assert problem in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        "http://api.openai.com/v1",  # the defaults are https only
+        "http://127.0.0.1:8080",
+        "https://127.0.0.1/v1",
+        "https://169.254.169.254/latest/meta-data",
+        "https://[::1]/v1",
+        "https://evil.com",
+        "https://api.openai.com.evil.com/v1",
+        "https://evilopenai.azure.com/v1",
+        "https://openai.azure.com/v1",  # a wildcard does not match the apex
+        "https://api.openai.com:8443/v1",  # no port in the pattern: 443 only
+        "https://localhost/v1",
+    ],
+)
+def test_check_base_refuses_hosts_off_the_list(base: str) -> None:
+    with pytest.raises(ProviderError) as info:
+        DEFAULTS.check_base(base)
+    assert (info.value.status, info.value.code) == (403, "provider_not_allowed")
+    assert "--allow-provider" in str(info.value)
+
+
+def test_not_allowed_message_says_how_to_allow() -> None:
+    with pytest.raises(ProviderError, match="allow-list") as info:
+        DEFAULTS.check_base("http://127.0.0.1:8080/v1")
+    assert str(info.value) == (
+        "provider base host 127.0.0.1:8080 is not on the proxy's allow-list for http; "
+        "start the proxy with --allow-provider http://127.0.0.1:8080 to allow it"
+    )
+
+
+EXTRA = AllowList.build(
+    [
+        "http://10.0.0.5:8000",
+        "https://*.example.com/api",
+        "my-vllm.internal:8000",
+        "http://[::1]:9000",
+        "http://*.test",
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("base", "result"),
+    [
+        ("http://10.0.0.5:8000/v1", "http://10.0.0.5:8000/v1"),
+        ("https://10.0.0.5:8000/v1", 403),  # an http:// pattern matches http only
+        ("http://10.0.0.5/v1", 403),
+        ("https://x.example.com/api/v1", "https://x.example.com/api/v1"),
+        ("https://x.example.com/api", "https://x.example.com/api"),
+        ("https://x.example.com/apiv1", 403),  # prefixes end on a segment boundary
+        ("https://x.example.com/other", 403),
+        ("https://example.com/api", 403),
+        ("https://my-vllm.internal:8000/v1", "https://my-vllm.internal:8000/v1"),
+        ("http://my-vllm.internal:8000/v1", 403),  # no scheme in the pattern: https
+        ("http://[::1]:9000/v1", "http://[::1]:9000/v1"),
+        ("http://[0:0::1]:9000", "http://[::1]:9000"),
+        ("http://provider.test/v1", "http://provider.test/v1"),
+        ("http://provider.test:80/v1", "http://provider.test/v1"),
+        ("https://api.openai.com/v1", "https://api.openai.com/v1"),
+    ],
+)
+def test_operator_patterns(base: str, result: str | int) -> None:
+    if isinstance(result, str):
+        assert EXTRA.check_base(base) == result
+    else:
+        with pytest.raises(ProviderError) as info:
+            EXTRA.check_base(base)
+        assert info.value.status == result
+
+
+def test_defaults_can_be_left_out() -> None:
+    allow = AllowList.build(["https://llm.example.org"], defaults=False)
+    assert allow.check_base("https://llm.example.org/v1") == "https://llm.example.org/v1"
+    with pytest.raises(ProviderError, match="allow-list"):
+        allow.check_base("https://api.openai.com/v1")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "problem"),
+    [
+        ("*", "'*' alone"),
+        ("https://*", "'*' alone"),
+        ("*.", "has no host"),
+        ("https://a.*.com", "'*' may only be a pattern's first label"),
+        ("https://*example.com", "'*' may only be a pattern's first label"),
+        ("https://*.*.example.com", "'*' may only be a pattern's first label"),
+        ("ftp://files.example.com", "scheme 'ftp'"),
+        ("http://example.com:99999", "port '99999'"),
+        ("https://user@example.com", "user info"),
+        ("https://example.com/a?", "a query"),
+        ("https://example.com/#", "a fragment"),
+        ("https://example.com/a/../b", "'..'"),
+        ("https://*.10.0.0.1", "not a dotted-quad"),
+        ("https://10.0.0.1.5", "not a dotted-quad"),
+        ("https://exa mple.com", "contains ' '"),
+        ("", "is empty"),
+    ],
+)
+def test_bad_patterns_fail_at_setup(pattern: str, problem: str) -> None:
+    with pytest.raises(ValueError, match="provider pattern") as info:
+        AllowList.build([pattern])
+    assert not isinstance(info.value, ProviderError)
+    assert str(info.value).startswith(f"provider pattern {pattern!r} ")
+    assert problem in str(info.value)
+
+
+# --- address_allowed --------------------------------------------------------------------
+
+NOT_GLOBAL = [
+    "127.0.0.1",
+    "127.5.6.7",
+    "::1",
+    "10.0.0.1",
+    "172.16.0.1",
+    "172.31.255.255",
+    "192.168.1.1",
+    "169.254.169.254",
+    "100.64.0.1",
+    "0.0.0.0",
+    "::",
+    "::ffff:127.0.0.1",
+    "::ffff:169.254.169.254",
+    "::ffff:10.0.0.1",
+    "fd00:ec2::254",
+    "fe80::1",
+    "2002:7f00:1::",  # 6to4 of 127.0.0.1
+    "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+    "224.0.0.1",
+    "ff02::1",
+    "192.0.2.1",
+    "2001:db8::1",
+    "198.18.0.1",
+    "240.0.0.1",
+    "255.255.255.255",
+]
+GLOBAL = ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"]
+
+
+@pytest.mark.parametrize("address", NOT_GLOBAL)
+def test_defaults_never_reach_non_global_addresses(address: str) -> None:
+    assert DEFAULTS.address_allowed("api.openai.com", 443, address) is False
+    assert DEFAULTS.address_allowed("myres.openai.azure.com", 443, address) is False
+
+
+@pytest.mark.parametrize("address", GLOBAL)
+def test_defaults_reach_global_addresses(address: str) -> None:
+    assert DEFAULTS.address_allowed("api.openai.com", 443, address) is True
+
+
+OPERATOR = AllowList.build(
+    [
+        "http://10.0.0.5:8000",
+        "http://my-vllm.internal:8000",
+        "http://127.0.0.1:9000",
+        "http://[::1]:9001",
+        "http://*.internal:8000",
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "address", "allowed"),
+    [
+        ("my-vllm.internal", 8000, "10.1.2.3", True),  # explicit, exact
+        ("my-vllm.internal", 8000, "127.0.0.1", True),
+        ("10.0.0.5", 8000, "10.0.0.5", True),
+        ("127.0.0.1", 9000, "127.0.0.1", True),
+        ("::1", 9001, "::1", True),
+        ("[::1]", 9001, "::1", True),
+        ("other.internal", 8000, "10.1.2.3", False),  # wildcard: global only
+        ("other.internal", 8000, "8.8.8.8", True),
+        ("my-vllm.internal", 8001, "10.1.2.3", False),  # no pattern for that port
+        ("my-vllm.internal", 8001, "8.8.8.8", False),
+        ("127.0.0.1", 9001, "127.0.0.1", False),
+        ("evil.com", 443, "8.8.8.8", False),  # not on the list at all
+        ("api.openai.com", 443, "10.0.0.1", False),  # a default, not explicit
+        ("api.openai.com", 443, "not-an-ip", False),
+    ],
+)
+def test_operator_exact_patterns_may_reach_private_addresses(
+    host: str, port: int, address: str, allowed: bool
+) -> None:
+    assert OPERATOR.address_allowed(host, port, address) is allowed
+
+
+# --- the transport, over real sockets on 127.0.0.1 --------------------------------------
+
+
+class _Server:
+    """A tiny keep-alive HTTP/1.1 server on 127.0.0.1 that counts connections."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.heads: list[bytes] = []
+
+    async def __aenter__(self) -> _Server:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port: int = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    def host_headers(self) -> list[str]:
+        lines = [line for head in self.heads for line in head.decode().split("\r\n")]
+        return [line.split(":", 1)[1].strip() for line in lines if line.lower().startswith("host:")]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                self.heads.append(await reader.readuntil(b"\r\n\r\n"))
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-served: yes\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def _resolver(table: dict[str, list[str]]) -> Callable[[str, int], Awaitable[list[str]]]:
+    async def resolve(host: str, port: int) -> list[str]:
+        return table[host]
+
+    return resolve
+
+
+async def _no_lookup(host: str, port: int) -> list[str]:
+    raise AssertionError(f"an IP literal was resolved: {host}")
+
+
+class _Recorder(httpcore2.AsyncNetworkBackend):
+    """Records every address the checked backend hands on; 'reaches' the public ones it
+    is told about by connecting to the test server instead, so nothing leaves 127.0.0.1."""
+
+    def __init__(self, redirect: dict[str, int], refuse: Iterable[str] = ()) -> None:
+        self.attempts: list[tuple[str, int]] = []
+        self._redirect = redirect
+        self._refuse = set(refuse)
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore2.AsyncNetworkStream:
+        self.attempts.append((host, port))
+        if host in self._refuse or host not in self._redirect:
+            raise httpcore2.ConnectError(f"test refuses {host}")
+        return await httpcore2.AnyIOBackend().connect_tcp("127.0.0.1", self._redirect[host])
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def test_wildcard_pattern_never_connects_to_loopback() -> None:
+    async def main() -> None:
+        async with _Server() as server:
+            allow = AllowList.build([f"http://*.test:{server.port}"], defaults=False)
+            resolver = _resolver({"provider.test": ["127.0.0.1"]})
+            async with httpx2.AsyncClient(
+                transport=upstream_transport(allow, resolver=resolver)
+            ) as client:
+                with pytest.raises(httpx2.ConnectError) as info:
+                    await client.get(f"http://provider.test:{server.port}/v1/models")
+            assert refused_by_policy(info.value) == (
+                "the provider host provider.test resolves only to non-public addresses (127.0.0.1)"
+            )
+            assert server.connections == 0
+
+    asyncio.run(main())
+
+
+def test_explicit_exact_pattern_connects_to_the_checked_address_by_name() -> None:
+    async def main() -> None:
+        async with _Server() as server:
+            allow = AllowList.build([f"http://provider.test:{server.port}"], defaults=False)
+            resolver = _resolver({"provider.test": ["127.0.0.1"]})
+            transport = upstream_transport(allow, resolver=resolver)
+            async with httpx2.AsyncClient(transport=transport) as client:
+                url = f"http://provider.test:{server.port}/v1/models"
+                first, second = await client.get(url), await client.get(url)
+            assert (first.status_code, first.text, second.text) == (200, "ok", "ok")
+            assert server.host_headers() == [f"provider.test:{server.port}"] * 2
+            assert server.connections == 1  # kept alive and reused
+
+    asyncio.run(main())
+
+
+def test_only_allowed_addresses_are_tried_in_order() -> None:
+    async def main() -> None:
+        async with _Server() as server:
+            port = server.port
+            allow = AllowList.build([f"http://*.test:{port}"], defaults=False)
+            resolver = _resolver(
+                {"provider.test": ["169.254.169.254", "10.0.0.1", "8.8.4.4", "::1", "8.8.8.8"]}
+            )
+            recorder = _Recorder(redirect={"8.8.8.8": port}, refuse=["8.8.4.4"])
+            transport = upstream_transport(allow, resolver=resolver, network_backend=recorder)
+            async with httpx2.AsyncClient(transport=transport) as client:
+                response = await client.get(f"http://provider.test:{port}/v1/models")
+            assert (response.status_code, response.text) == (200, "ok")
+            assert recorder.attempts == [("8.8.4.4", port), ("8.8.8.8", port)]
+            assert server.host_headers() == [f"provider.test:{port}"]
+
+    asyncio.run(main())
+
+
+def test_https_uses_the_name_for_tls_after_connecting_to_the_ip() -> None:
+    seen: dict[str, Any] = {}
+
+    class _TlsProbe(httpcore2.AsyncNetworkStream):
+        async def start_tls(
+            self,
+            ssl_context: ssl.SSLContext,
+            server_hostname: str | None = None,
+            timeout: float | None = None,
+        ) -> httpcore2.AsyncNetworkStream:
+            seen["server_hostname"] = server_hostname
+            seen["check_hostname"] = ssl_context.check_hostname
+            raise httpcore2.ConnectError("probe stops before the handshake")
+
+        async def aclose(self) -> None:
+            pass
+
+    class _Backend(_Recorder):
+        async def connect_tcp(
+            self,
+            host: str,
+            port: int,
+            timeout: float | None = None,
+            local_address: str | None = None,
+            socket_options: Iterable[Any] | None = None,
+        ) -> httpcore2.AsyncNetworkStream:
+            self.attempts.append((host, port))
+            return _TlsProbe()
+
+    async def main() -> None:
+        backend = _Backend(redirect={})
+        resolver = _resolver({"api.openai.com": ["10.0.0.7", "8.8.8.8"]})
+        transport = upstream_transport(DEFAULTS, resolver=resolver, network_backend=backend)
+        async with httpx2.AsyncClient(transport=transport) as client:
+            with pytest.raises(httpx2.ConnectError, match="probe"):
+                await client.get("https://api.openai.com/v1/models")
+        assert backend.attempts == [("8.8.8.8", 443)]
+        assert seen == {"server_hostname": "api.openai.com", "check_hostname": True}
+
+    asyncio.run(main())
+
+
+def test_defaults_refuse_private_resolutions_before_any_socket() -> None:
+    async def main() -> None:
+        backend = _Recorder(redirect={})
+        resolver = _resolver({"api.openai.com": ["10.0.0.7", "::ffff:169.254.169.254"]})
+        transport = upstream_transport(DEFAULTS, resolver=resolver, network_backend=backend)
+        async with httpx2.AsyncClient(transport=transport) as client:
+            with pytest.raises(httpx2.ConnectError) as info:
+                await client.get("https://api.openai.com/v1/models")
+        assert refused_by_policy(info.value) == (
+            "the provider host api.openai.com resolves only to non-public addresses "
+            "(10.0.0.7, ::ffff:169.254.169.254)"
+        )
+        assert backend.attempts == []
+
+    asyncio.run(main())
+
+
+def test_the_transport_refuses_hosts_off_the_list_without_lookup() -> None:
+    async def main() -> None:
+        async with _Server() as server:
+            transport = upstream_transport(DEFAULTS, resolver=_no_lookup)
+            async with httpx2.AsyncClient(transport=transport) as client:
+                with pytest.raises(httpx2.ConnectError) as info:
+                    await client.get(f"http://127.0.0.1:{server.port}/v1/models")
+            assert refused_by_policy(info.value) == (
+                f"the host 127.0.0.1:{server.port} is not on the proxy's allow-list"
+            )
+            assert server.connections == 0
+
+    asyncio.run(main())
+
+
+def test_explicit_ip_pattern_connects_without_lookup() -> None:
+    async def main() -> None:
+        async with _Server() as server:
+            allow = AllowList.build([f"http://127.0.0.1:{server.port}"], defaults=False)
+            transport = upstream_transport(allow, resolver=_no_lookup)
+            async with httpx2.AsyncClient(transport=transport) as client:
+                response = await client.get(f"http://127.0.0.1:{server.port}/v1/models")
+            assert (response.status_code, server.connections) == (200, 1)
+
+    asyncio.run(main())
+
+
+def test_default_resolver_with_localhost() -> None:
+    # localhost comes from the hosts file, not DNS; if it lists ::1 first, the
+    # connection falls over to 127.0.0.1 where the server listens.
+    async def main() -> None:
+        async with _Server() as server:
+            allow = AllowList.build([f"http://localhost:{server.port}"], defaults=False)
+            async with httpx2.AsyncClient(transport=upstream_transport(allow)) as client:
+                response = await client.get(f"http://localhost:{server.port}/v1/models")
+            assert (response.status_code, server.host_headers()) == (
+                200,
+                [f"localhost:{server.port}"],
+            )
+
+    asyncio.run(main())
+
+
+def test_lookup_failure_and_timeout_are_ordinary_connect_errors() -> None:
+    async def failing(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    async def hanging(host: str, port: int) -> list[str]:
+        await asyncio.Event().wait()
+        return []
+
+    async def main() -> None:
+        for resolver, error in ((failing, httpx2.ConnectError), (hanging, httpx2.ConnectTimeout)):
+            transport = upstream_transport(DEFAULTS, resolver=resolver)
+            async with httpx2.AsyncClient(transport=transport, timeout=0.05) as client:
+                with pytest.raises(error) as info:
+                    await client.get("https://api.openai.com/v1/models")
+            assert refused_by_policy(info.value) is None
+
+    asyncio.run(main())
+
+
+def test_refused_by_policy_ignores_other_errors() -> None:
+    assert refused_by_policy(ValueError("x")) is None
+    looped = RuntimeError("loop")
+    looped.__context__ = RuntimeError("inner")
+    looped.__context__.__context__ = looped
+    assert refused_by_policy(looped) is None
+
+
+# --- the private-pool seam, against the public transport (STYLE §15) ---------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_seam_behaves_like_the_public_transport() -> None:
+    closed = _closed_port()
+
+    async def fetch(transport: httpx2.AsyncBaseTransport, port: int) -> tuple[Any, ...]:
+        async with httpx2.AsyncClient(transport=transport) as client:
+            async with client.stream("GET", f"http://127.0.0.1:{port}/v1") as response:
+                body = await response.aread()
+            with pytest.raises(httpx2.ConnectError) as info:
+                await client.get(f"http://127.0.0.1:{closed}/v1")
+        return response.status_code, response.headers["x-served"], body, type(info.value)
+
+    async def main() -> None:
+        async with _Server() as server:
+            allow = AllowList.build(
+                [f"http://127.0.0.1:{server.port}", f"http://127.0.0.1:{closed}"], defaults=False
+            )
+            public = await fetch(httpx2.AsyncHTTPTransport(trust_env=False), server.port)
+            ours = await fetch(upstream_transport(allow), server.port)
+            assert ours == public == (200, "yes", b"ok", httpx2.ConnectError)
+
+    asyncio.run(main())
+
+
+def test_with_pool_fails_loudly_when_httpx2_changes() -> None:
+    transport = httpx2.AsyncHTTPTransport()
+    del transport._pool
+    with pytest.raises(RuntimeError, match="_pool"):
+        _with_pool(transport, httpcore2.AsyncConnectionPool())
