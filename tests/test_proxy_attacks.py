@@ -265,3 +265,31 @@ def test_openai_errors_keep_their_types_through_the_gateway(store: StoreView) ->
         with pytest.raises(openai.AuthenticationError):
             client.models.list()
     assert wait_for(lambda: store.leases() == 0)
+
+
+# --- finding 7: connections -----------------------------------------------------------------
+
+
+def test_an_idle_flood_does_not_lock_out_health_or_calls(store: StoreView) -> None:
+    from tokenlay_otel.proxy.server import ServerLimits
+
+    limits = ServerLimits(max_connections=16, header_timeout_s=5)
+    with gateway(store, server_limits=limits) as proxy:
+        port = int(proxy.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(100)]
+        try:
+            assert httpx2.get(proxy + "/health", timeout=5).status_code == 200
+            r = httpx2.post(proxy + "/v1/chat/completions", json=CHAT, headers=auth(), timeout=5)
+            assert r.status_code == 200
+            # The oldest idle sockets were closed to make room.
+            closed = 0
+            for s in idle:
+                s.settimeout(0.05)
+                try:
+                    closed += s.recv(1) == b""
+                except OSError:
+                    closed += 1
+            assert closed >= 100 - 16
+        finally:
+            for s in idle:
+                s.close()

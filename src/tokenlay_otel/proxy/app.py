@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +26,9 @@ from opentelemetry.trace import SpanKind
 from tokenlay_otel._pricing import PriceBook
 from tokenlay_otel._protocol import PROVIDER_BASE_HEADER, PROVIDER_KEY_HEADER, metadata_from_wire
 
-from .call import Call, Incoming, error_body
+from .call import Call
 from .connect import upstream_transport
+from .http import ASGIReceive, ASGISend, Incoming, error_body, send_json
 from .limits import Enforcer
 from .mock import mock_transport
 from .providers import AllowList, ProviderError
@@ -42,9 +43,6 @@ _METHODS = frozenset({"GET", "POST", "DELETE"})
 # A path segment as providers use them (ids, "ft:model:org"); no dot segments.
 _SEGMENT = re.compile(r"[A-Za-z0-9_.~:@!$'()*+,;=-]+")
 _BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
-
-ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
-ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 @dataclass
@@ -323,16 +321,6 @@ def _json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise _Refused(400, "the request body must be a JSON object")
     return data
-
-
-async def send_json(
-    send: ASGISend, status: int, body: Any, headers: dict[str, str] | None = None
-) -> None:
-    payload = json.dumps(body).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
-    raw += [(k.encode(), v.encode("latin-1")) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": payload})
 
 
 def create_app(config: ProxyConfig) -> Gateway:

@@ -30,9 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx2
@@ -43,13 +41,22 @@ from tokenlay_otel._attributes import Usage
 
 from .connect import refused_by_policy
 from .estimate import input_tokens, output_cap, text_tokens
+from .http import (
+    ASGIReceive,
+    ASGISend,
+    Incoming,
+    Responder,
+    decision_headers,
+    usage_headers,
+    valid_cost,
+)
 from .limits import Decision, Reservation
 from .upstream import StreamTap, body_usage, with_stream_usage
 
 if TYPE_CHECKING:
-    from .app import ASGIReceive, ASGISend, Gateway
+    from .app import Gateway
 
-__all__ = ["Call", "Incoming", "error_body"]
+__all__ = ["Call"]
 
 _log = logging.getLogger("tokenlay_otel.proxy")
 #: A JSON answer larger than this is not read whole (the call is charged its estimate).
@@ -63,57 +70,7 @@ _NEVER_SENT = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """A request the gateway has read and checked."""
-
-    method: str
-    suffix: str  # the path after /v1
-    query: str
-    endpoint: str | None  # a metered endpoint (chat/completions, ...) or None
-    body: bytes
-    data: dict[str, Any] | None  # the JSON body of a metered endpoint
-    metadata: dict[str, str]
-    provider_key: str
-    provider_base: str | None  # None with the mock upstream
-    base: str
-    content_type: str
-    forwarded: dict[str, str]
-
-
-def error_body(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "code": code, "param": None}}
-
-
-def _decision_headers(decision: Decision, requested_model: str | None) -> dict[str, str]:
-    headers = {"x-tokenlay-rule-action": decision.action}
-    if decision.rule is not None:
-        headers["x-tokenlay-rule-id"] = decision.rule.id
-        headers["x-tokenlay-limit-exceeded"] = "true" if decision.limit_exceeded else "false"
-    if decision.warnings:
-        headers["x-tokenlay-warnings"] = json.dumps(decision.warnings)
-    if decision.model and decision.model != requested_model:
-        headers["x-tokenlay-model"] = decision.model
-    return headers
-
-
-def _usage_headers(usage: Usage, cost: float | None, started: float) -> dict[str, str]:
-    headers = {"x-tokenlay-duration": str(int((time.perf_counter() - started) * 1000))}
-    if cost is not None:
-        headers["x-tokenlay-cost"] = f"{cost:.10f}".rstrip("0").rstrip(".") or "0"
-    if usage.input_tokens is not None:
-        headers["x-tokenlay-input-tokens"] = str(usage.input_tokens)
-    if usage.output_tokens is not None:
-        headers["x-tokenlay-output-tokens"] = str(usage.output_tokens)
-    headers["x-tokenlay-tokens-used"] = str((usage.input_tokens or 0) + (usage.output_tokens or 0))
-    return headers
-
-
-def _cost(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) and value >= 0 else None
-
-
-class Call:
+class Call(Responder):
     """One request the gateway runs; see the module docstring for its exits."""
 
     def __init__(
@@ -150,7 +107,7 @@ class Call:
         self.refund = False  # give the request back
         self.usage: Usage | None = None
         self.text_bytes = 0
-        self.body_lost = False  # a JSON answer that could not be read
+        self.seen_text = False  # the answer's text passed through us (a stream, a whole body)
         self.tap: StreamTap | None = None
         self._deadline: asyncio.Timeout | None = None
         self._draining = False
@@ -158,7 +115,7 @@ class Call:
 
     def price(self, usage: Usage, model: str | None) -> float | None:
         models = (model, self.model, self.requested)
-        return _cost(self.gw.config.prices.cost(usage, models, self.incoming.provider_base))
+        return valid_cost(self.gw.config.prices.cost(usage, models, self.incoming.provider_base))
 
     def _estimate(self, model: str | None) -> Reservation:
         tokens = self.input_estimate + self.output_cap
@@ -178,7 +135,7 @@ class Call:
             self.decision = decision
             self.model = decision.model or self.requested
             self._record_decision(decision)
-            headers = _decision_headers(decision, self.requested)
+            headers = decision_headers(decision, self.requested)
             if decision.blocked:
                 self.exit = "blocked"
                 await self._blocked(decision, headers)
@@ -336,16 +293,17 @@ class Call:
             return
         payload = await self._read_whole(upstream)
         if payload is None:
-            self.exit, self.body_lost = "upstream_cut", True
+            self.exit = "upstream_cut"
             await self._settle()
             await self._send_error(502, "the provider's answer was cut", "upstream_cut", headers)
             return
         usage, model, self.text_bytes = body_usage(_json_or_none(payload))
+        self.seen_text = True
         self.usage, self.model = usage, model or self.model
         self.exit = "done"
         await self._settle()
         if usage is not None:
-            headers.update(_usage_headers(usage, self.price(usage, self.model), self.started))
+            headers.update(usage_headers(usage, self.price(usage, self.model), self.started))
         await self._send_whole(status, payload, content_type, headers)
 
     async def _read_whole(self, upstream: httpx2.Response) -> bytes | None:
@@ -403,7 +361,10 @@ class Call:
             return tokens, self.price(usage, self.model), "upstream"
         if self.incoming.endpoint is None or not self.asked or self.exit == "upstream_error":
             return 0, 0.0, "none"
-        output = self.output_cap if self.body_lost else text_tokens(self.text_bytes)
+        # A stream is charged the text it sent; an answer we never read whole, all it
+        # could have written: the provider bills it either way.
+        seen = self.tap is not None or self.seen_text
+        output = text_tokens(self.text_bytes) if seen else self.output_cap
         estimate = Usage(self.input_estimate, output)
         return self.input_estimate + output, self.price(estimate, self.model), "estimated"
 
@@ -473,48 +434,6 @@ class Call:
         await self._send_error(
             decision.http_status, message, decision.error_code, extra, kind="tokenlay_limit"
         )
-
-    async def _send_error(
-        self,
-        status: int,
-        message: str,
-        code: str | None,
-        headers: dict[str, str] | None = None,
-        *,
-        kind: str = "upstream_error",
-    ) -> None:
-        payload = json.dumps(error_body(message, kind, code)).encode()
-        await self._send_whole(status, payload, "application/json", headers or {})
-
-    async def _send_whole(
-        self, status: int, payload: bytes, content_type: str, headers: dict[str, str]
-    ) -> None:
-        headers = {**headers, "content-length": str(len(payload))}
-        await self._start(status, content_type, headers)
-        await self._body(payload, more=False)
-
-    async def _start(self, status: int, content_type: str, headers: dict[str, str]) -> None:
-        self.span.set_attribute("http.response.status_code", status)
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        if content_type:
-            raw.append((b"content-type", content_type.encode("latin-1")))
-        self.response_started = True
-        await self._send({"type": "http.response.start", "status": status, "headers": raw})
-
-    async def _body(self, data: bytes, *, more: bool = True) -> None:
-        if not more:
-            self.finished = True
-        if data or not more:
-            await self._send({"type": "http.response.body", "body": data, "more_body": more})
-
-    async def _send(self, message: dict[str, Any]) -> None:
-        if self.gone:
-            return
-        try:
-            await self.send(message)
-        except OSError:  # servers that raise on a closed connection (ASGI 2.4)
-            if not self.gone:
-                self._client_gone()
 
 
 def _json_or_none(payload: bytes) -> Any:
