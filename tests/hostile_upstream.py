@@ -62,6 +62,8 @@ class RawUpstream:
     def __init__(self) -> None:
         self.answers: list[bytes] = [http_response(chat_body({"prompt_tokens": 1}))]
         self.connections = 0
+        #: When set, each answer waits until the event is set (an upstream that hangs).
+        self.hold: threading.Event | None = None
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(64)
@@ -79,8 +81,7 @@ class RawUpstream:
             answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
             threading.Thread(target=self._answer, args=(conn, answer), daemon=True).start()
 
-    @staticmethod
-    def _answer(conn: socket.socket, answer: bytes) -> None:
+    def _answer(self, conn: socket.socket, answer: bytes) -> None:
         with conn:
             conn.settimeout(5)
             data = b""
@@ -93,6 +94,8 @@ class RawUpstream:
                         length = int(line.split(b":")[1])
                         while len(body) < length:
                             body += conn.recv(65536)
+                if self.hold is not None:
+                    self.hold.wait(10)
                 conn.sendall(answer)
             except OSError:
                 pass

@@ -19,7 +19,7 @@ from tokenlay_otel.proxy import parse_rules
 from tokenlay_otel.proxy.local import local_proxy
 from tokenlay_otel.testing import FakeOpenAIServer
 
-from .conftest import PROVIDER_KEY
+from .conftest import PROVIDER_KEY, SpanCapture
 from .proxy_harness import PROXY_KEY
 from .proxy_store_view import StoreView, redis_url, store, wait_for
 
@@ -142,9 +142,9 @@ def test_bodies_are_bounded_and_bad_json_of_any_shape_is_a_400(store: StoreView)
 
 
 def test_a_slow_body_is_a_408_and_a_client_leaving_mid_body_is_no_traceback(
-    store: StoreView, caplog: pytest.LogCaptureFixture
+    store: StoreView, caplog: pytest.LogCaptureFixture, telemetry: SpanCapture
 ) -> None:
-    with gateway(store, body_timeout_s=0.3) as proxy:
+    with gateway(store, body_timeout_s=0.3, tracer_provider=telemetry.provider) as proxy:
         port = int(proxy.rsplit(":", 1)[1])
         head = (
             f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {PROXY_KEY}"
@@ -157,7 +157,14 @@ def test_a_slow_body_is_a_408_and_a_client_leaving_mid_body_is_no_traceback(
         for _ in range(5):
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                 s.sendall(head + b'{"model"')
-        time.sleep(0.2)
+
+        def gone() -> int:
+            return sum(
+                (span.attributes or {}).get("tokenlay.proxy.exit") == "client_gone"
+                for span in telemetry.spans()
+            )
+
+        assert wait_for(lambda: gone() == 5)
     noisy = [
         r
         for r in caplog.records
@@ -259,12 +266,39 @@ def test_a_killed_proxy_frees_its_slots_within_one_lease(tmp_path: Any) -> None:
         assert r.status_code == 200
 
 
-def test_openai_errors_keep_their_types_through_the_gateway(store: StoreView) -> None:
-    with gateway(store) as proxy:
+def test_refused_requests_take_nothing(store: StoreView) -> None:
+    limits = parse_rules(
+        [
+            {
+                "id": "all",
+                "if": {},
+                "then": {
+                    "limits": [
+                        {"type": "concurrent", "max": 1, "per": "user"},
+                        {"type": "requests", "max": 100, "window": "hour", "per": "user"},
+                    ]
+                },
+            }
+        ]
+    )
+    with gateway(store, limits) as proxy:
         client = openai.OpenAI(base_url=proxy + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             client.models.list()
-    assert wait_for(lambda: store.leases() == 0)
+        post = proxy + "/v1/chat/completions"
+        refused = [
+            # the same metadata header twice: which user would it be?
+            [(b"x-tokenlay-user", b"u1"), (b"x-tokenlay-user", b"u2")],
+            [(b"x-tokenlay-provider-key", "clé".encode())],  # not sendable upstream
+            [(b"authorization", f"Bearer {PROXY_KEY}".encode())],  # a second authorization
+        ]
+        for extra in refused:
+            raw = [(b"authorization", f"Bearer {PROXY_KEY}".encode()), *extra]
+            r = httpx2.post(post, json=CHAT, headers=raw)
+            assert r.status_code == 400, extra
+        r = httpx2.post(post, json={**CHAT, "model": "m" * 300}, headers=auth())
+        assert r.status_code == 400
+    assert store.counters() == {} and store.leases() == 0
 
 
 # --- finding 7: connections -----------------------------------------------------------------

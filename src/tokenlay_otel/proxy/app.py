@@ -42,6 +42,11 @@ ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
 _METHODS = frozenset({"GET", "POST", "DELETE"})
 # A path segment as providers use them (ids, "ft:model:org"); no dot segments.
 _SEGMENT = re.compile(r"[A-Za-z0-9_.~:@!$'()*+,;=-]+")
+# Headers that must come once, and what they may hold (visible ASCII, inner spaces).
+_SINGLE = frozenset({b"authorization", PROVIDER_KEY_HEADER.encode(), PROVIDER_BASE_HEADER.encode()})
+_FORWARDED = frozenset({b"openai-beta", b"openai-organization", b"openai-project"})
+_VISIBLE = re.compile(rb"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+_MAX_MODEL = 256
 _BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 
 
@@ -68,6 +73,8 @@ class ProxyConfig:
     max_drains: int = 64
     #: Output tokens reserved for a call that states no max_tokens.
     default_output_tokens: int = 256
+    #: How long a client may take to accept one piece of an answer before it counts as gone.
+    send_timeout_s: float = 30.0
     #: How long shutdown waits for calls in flight before settling them as they are.
     shutdown_timeout_s: float = 10.0
 
@@ -179,10 +186,19 @@ class Gateway:
             span.set_attribute("http.response.status_code", refusal.status)
             span.end()
             return
+        if self._heartbeat is None:  # served without a lifespan (mounted in another app)
+            self._heartbeat = asyncio.get_running_loop().create_task(self._renew_leases())
         call = Call(self, incoming, span, receive, send, started)
-        # The call settles whatever happens to this request's task (a server cancelling
-        # it on disconnect or at shutdown): the shield keeps that cancellation out.
-        await asyncio.shield(self.spawn(call.run()))
+        # The call settles whatever happens to this request's task: the shield keeps the
+        # server's cancellation out.
+        task = self.spawn(call.run())
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The server gives up on the request (its graceful shutdown ran out): end
+            # the call now, so that it answers and settles while the response is open.
+            call.stop()
+            await asyncio.wait({task}, timeout=self.config.shutdown_timeout_s)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``work`` in a task of the gateway's, which shutdown waits for."""
@@ -198,6 +214,7 @@ class Gateway:
         method, path = scope["method"], scope["path"]
         if not self.authorized(headers.get(b"authorization", b"")):
             raise _Refused(401, "invalid Tokenlay key", "invalid_api_key")
+        _check_header_values(scope["headers"])
         if method not in _METHODS:
             raise _Refused(405, f"method {method} is not supported")
         suffix = path.removeprefix("/v1")
@@ -218,7 +235,7 @@ class Gateway:
             except ProviderError as exc:
                 raise _Refused(exc.status, str(exc), exc.code) from None
         try:
-            metadata = metadata_from_wire(headers.items())
+            metadata = metadata_from_wire(scope["headers"])
         except ValueError as exc:
             raise _Refused(400, f"metadata header {exc}", "invalid_metadata") from None
         body = await self._body(receive, headers)
@@ -228,6 +245,9 @@ class Gateway:
         data: dict[str, Any] | None = None
         if endpoint is not None:
             data = _json_object(body)
+            model = data.get("model")
+            if isinstance(model, str) and len(model) > _MAX_MODEL:
+                raise _Refused(400, f"the model name is longer than {_MAX_MODEL} characters")
         query = scope.get("query_string", b"").decode("latin-1")
         return Incoming(
             method=method,
@@ -242,9 +262,7 @@ class Gateway:
             base=base,
             content_type=headers.get(b"content-type", b"").decode("latin-1"),
             forwarded={
-                k.decode(): v.decode("latin-1")
-                for k, v in headers.items()
-                if k in (b"openai-beta", b"openai-organization", b"openai-project")
+                k.decode(): v.decode("latin-1") for k, v in headers.items() if k in _FORWARDED
             },
         )
 
@@ -309,6 +327,18 @@ class Gateway:
             self._heartbeat.cancel()
         await self.client.aclose()
         await self.config.store.close()
+
+
+def _check_header_values(raw: list[tuple[bytes, bytes]]) -> None:
+    """Refuse what would be ambiguous or unsendable upstream, before anything is taken."""
+    seen: set[bytes] = set()
+    for name, value in raw:
+        if name in _SINGLE:
+            if name in seen:
+                raise _Refused(400, f"the {name.decode()} header is sent twice")
+            seen.add(name)
+        if (name in _SINGLE or name in _FORWARDED) and not _VISIBLE.fullmatch(value):
+            raise _Refused(400, f"the {name.decode()} header holds what HTTP cannot send on")
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

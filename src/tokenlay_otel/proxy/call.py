@@ -61,6 +61,9 @@ __all__ = ["Call"]
 _log = logging.getLogger("tokenlay_otel.proxy")
 #: A JSON answer larger than this is not read whole (the call is charged its estimate).
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+MAX_ERROR_BYTES = 1024 * 1024
+# The provider's headers a caller may act on (its retry advice, its request id).
+_UPSTREAM_HEADERS = ("retry-after", "x-request-id", "x-ratelimit-", "openai-processing-ms")
 # Failures that mean the request never reached the provider.
 _NEVER_SENT = (
     httpx2.ConnectError,
@@ -87,12 +90,14 @@ class Call(Responder):
         self.span = span
         self.receive = receive
         self.send = send
+        self.send_timeout_s = gateway.config.send_timeout_s
         self.started = started
         self.decision: Decision | None = None
         self.exit = "error"
         self.gone = False
         self.response_started = False
         self.finished = False
+        self.stopping = False
         data = incoming.data or {}
         model = data.get("model")
         self.requested = model if isinstance(model, str) else None
@@ -103,7 +108,6 @@ class Call(Responder):
         self.output_cap = output_cap(data, incoming.endpoint, default) if metered else 0
         # What is known of the usage when the call settles.
         self.asked = False  # the request went upstream
-        self.answered = False  # upstream's status was a success
         self.refund = False  # give the request back
         self.usage: Usage | None = None
         self.text_bytes = 0
@@ -129,29 +133,7 @@ class Call(Responder):
         self.gw.calls.add(self)
         watcher = asyncio.get_running_loop().create_task(self._watch())
         try:
-            decision = await self.gw.enforcer.decide(
-                dict(self.incoming.metadata), self.requested, self._estimate
-            )
-            self.decision = decision
-            self.model = decision.model or self.requested
-            self._record_decision(decision)
-            headers = decision_headers(decision, self.requested)
-            if decision.blocked:
-                self.exit = "blocked"
-                await self._blocked(decision, headers)
-                return
-            if self.gone:
-                self.exit, self.refund = "client_gone", True
-                return
-            try:
-                async with asyncio.timeout(None) as self._deadline:
-                    if self.gw.closing:
-                        self._reschedule(0)
-                    await self._forward(decision, headers)
-            except TimeoutError:
-                self.exit = "shutdown" if self.gw.closing else "client_gone"
-            finally:
-                self._deadline = None
+            await self._run()
         except Exception:
             _log.exception("the proxy failed on a call")
             self.span.set_status(Status(StatusCode.ERROR, "internal error"))
@@ -161,10 +143,48 @@ class Call(Responder):
             watcher.cancel()
             if self._draining:
                 self.gw.drains -= 1
-            if self.decision is not None and not self.decision.blocked:
-                await self._settle()
-            self.gw.calls.discard(self)
-            self.span.end()
+            try:
+                if self.decision is not None and not self.decision.blocked:
+                    await self._settle()
+            finally:
+                self.gw.calls.discard(self)
+                self.span.end()
+
+    async def _run(self) -> None:
+        decide = asyncio.ensure_future(
+            self.gw.enforcer.decide(dict(self.incoming.metadata), self.requested, self._estimate)
+        )
+        try:
+            # What the store admitted must be known to be settled, even at shutdown.
+            decision = await asyncio.shield(decide)
+        except asyncio.CancelledError:
+            self.decision, self.exit, self.refund = await decide, "shutdown", True
+            raise
+        self.decision = decision
+        self.model = decision.model or self.requested
+        self._record_decision(decision)
+        headers = decision_headers(decision, self.requested)
+        if decision.blocked:
+            self.exit = "blocked"
+            await self._blocked(decision, headers)
+            return
+        if self.gone:
+            self.exit, self.refund = "client_gone", True
+            return
+        try:
+            async with asyncio.timeout(None) as self._deadline:
+                if self.stopping:
+                    self._reschedule(0)
+                await self._forward(decision, headers)
+        except TimeoutError:
+            self.exit = "shutdown" if self.stopping else "client_gone"
+            if not self.asked:
+                self.refund = True
+            if not self.response_started and not self.gone:
+                message = "the proxy is shutting down; try again"
+                await self._send_error(503, message, "proxy_shutting_down", {"retry-after": "1"})
+        finally:
+            self._deadline = None
 
     async def _watch(self) -> None:
         """Notice the client leaving (the ASGI server says so through ``receive``)."""
@@ -186,7 +206,9 @@ class Call(Responder):
         if self._deadline is None:
             return
         config, now = self.gw.config, asyncio.get_running_loop().time()
-        if not self.gw.closing and not self._draining and self.gw.drains < config.max_drains:
+        metered = self.incoming.endpoint is not None
+        free = self.gw.drains < config.max_drains
+        if metered and free and not self.stopping and not self._draining:
             # Read on for the usage the provider bills, for a while.
             self.gw.drains += 1
             self._draining = True
@@ -202,6 +224,7 @@ class Call(Responder):
 
     def stop(self) -> None:
         """Shutdown: end the call where it is; it settles on what it has read."""
+        self.stopping = True
         self._reschedule(0)
 
     def _reschedule(self, when: float) -> None:
@@ -240,7 +263,7 @@ class Call(Responder):
         sent = time.perf_counter()
         try:
             upstream = await client.send(request, stream=True)
-        except Exception as exc:
+        except httpx2.HTTPError as exc:
             upstream_span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             upstream_span.end()
             await self._unreachable(exc, headers)
@@ -256,10 +279,10 @@ class Call(Responder):
         finally:
             await upstream.aclose()
 
-    async def _unreachable(self, exc: Exception, headers: dict[str, str]) -> None:
+    async def _unreachable(self, exc: httpx2.HTTPError, headers: dict[str, str]) -> None:
         host = self.incoming.base.split("/")[2]
         reason = refused_by_policy(exc)
-        if reason or isinstance(exc, _NEVER_SENT) or not isinstance(exc, httpx2.HTTPError):
+        if reason or isinstance(exc, _NEVER_SENT):
             self.asked, self.refund = False, True
             self.exit = "provider_refused" if reason else "upstream_unreachable"
         else:  # sent, and lost on the way back: the provider may have done the work
@@ -279,13 +302,15 @@ class Call(Responder):
         status = upstream.status_code
         content_type = upstream.headers.get("content-type", "")
         metered = self.incoming.endpoint is not None
+        headers.update(
+            (k, v) for k, v in upstream.headers.items() if k.lower().startswith(_UPSTREAM_HEADERS)
+        )
         if status >= 400:
             self.exit, self.refund = "upstream_error", status >= 500 or status == 429
-            payload = await self._read_whole(upstream)
+            payload = await self._read_whole(upstream, MAX_ERROR_BYTES)
             await self._settle()
             await self._send_whole(status, payload or b"", content_type, headers)
             return
-        self.answered = True
         if "text/event-stream" in content_type or not metered:
             if metered:
                 self.tap = StreamTap(price=self.price, drop_usage_chunk=injected)
@@ -306,14 +331,16 @@ class Call(Responder):
             headers.update(usage_headers(usage, self.price(usage, self.model), self.started))
         await self._send_whole(status, payload, content_type, headers)
 
-    async def _read_whole(self, upstream: httpx2.Response) -> bytes | None:
+    async def _read_whole(
+        self, upstream: httpx2.Response, limit: int = MAX_RESPONSE_BYTES
+    ) -> bytes | None:
         """The answer's body, or ``None`` when it was cut or too large."""
         chunks, size = [], 0
         try:
             async for chunk in upstream.aiter_bytes():
                 size += len(chunk)
-                if size > MAX_RESPONSE_BYTES:
-                    _log.warning("an upstream answer passed %d bytes", MAX_RESPONSE_BYTES)
+                if size > limit:
+                    _log.warning("an upstream answer passed %d bytes", limit)
                     return None
                 chunks.append(chunk)
         except httpx2.HTTPError as exc:
@@ -325,7 +352,7 @@ class Call(Responder):
         self, upstream: httpx2.Response, status: int, content_type: str, headers: dict[str, str]
     ) -> None:
         tap = self.tap
-        await self._start(status, content_type or "text/event-stream", headers)
+        await self._start(status, content_type, headers)
         try:
             async for chunk in upstream.aiter_bytes():
                 for data, final in tap.feed(chunk) if tap is not None else ((chunk, False),):
@@ -349,27 +376,30 @@ class Call(Responder):
             self._settlement = asyncio.ensure_future(self._do_settle())
         await asyncio.shield(self._settlement)
 
-    def _charge(self) -> tuple[int, float | None, str]:
-        """(tokens, cost, where they come from: upstream, estimated or none)."""
-        tap = self.tap
-        if tap is not None:
-            self.usage, self.text_bytes = tap.usage, tap.text_bytes
-            self.model = tap.model or self.model
-        if self.usage is not None:
-            usage = self.usage
+    def _charge(self) -> tuple[int | None, float | None, str, int]:
+        """(tokens, cost, where they come from: upstream/estimated/none, input tokens)."""
+        usage, text, model = self.usage, self.text_bytes, self.model
+        if self.tap is not None:
+            usage, text, model = self.tap.usage, self.tap.text_bytes, self.tap.model or model
+        if usage is not None:
             tokens = (usage.input_tokens or 0) + (usage.output_tokens or 0)
-            return tokens, self.price(usage, self.model), "upstream"
+            return tokens, self.price(usage, model), "upstream", usage.input_tokens or 0
         if self.incoming.endpoint is None or not self.asked or self.exit == "upstream_error":
-            return 0, 0.0, "none"
+            return 0, 0.0, "none", 0
         # A stream is charged the text it sent; an answer we never read whole, all it
         # could have written: the provider bills it either way.
         seen = self.tap is not None or self.seen_text
-        output = text_tokens(self.text_bytes) if seen else self.output_cap
-        estimate = Usage(self.input_estimate, output)
-        return self.input_estimate + output, self.price(estimate, self.model), "estimated"
+        output = text_tokens(text) if seen else self.output_cap
+        cost = self.price(Usage(self.input_estimate, output), model)
+        return self.input_estimate + output, cost, "estimated", self.input_estimate
 
     async def _do_settle(self) -> None:
-        tokens, cost, source = self._charge()
+        exit_ = self.exit
+        try:
+            tokens, cost, source, input_tokens = self._charge()
+        except Exception:
+            _log.error("could not work out a call's charge; its reservation stands", exc_info=True)
+            tokens, cost, source, input_tokens = None, None, "reserved", 0
         decision = self.decision
         try:
             if decision is not None:
@@ -385,28 +415,21 @@ class Call(Responder):
             # settlement over-counts, never under-counts.
             _log.error("could not settle a call in the store", exc_info=True)
         span = self.span
-        span.set_attribute("tokenlay.proxy.exit", self.exit)
+        span.set_attribute("tokenlay.proxy.exit", exit_)
         span.set_attribute("tokenlay.usage.source", source)
-        if source != "none":
-            span.set_attribute("gen_ai.usage.input_tokens", self._input(source))
-            span.set_attribute("gen_ai.usage.output_tokens", tokens - self._input(source))
+        if tokens is not None and source in ("upstream", "estimated"):
+            span.set_attribute("gen_ai.usage.input_tokens", input_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", tokens - input_tokens)
             if cost is not None:
                 span.set_attribute("tokenlay.cost.usd", cost)
-        self.gw.settlements.add(
-            1, {"tokenlay.proxy.exit": self.exit, "tokenlay.usage.source": source}
-        )
+        self.gw.settlements.add(1, {"tokenlay.proxy.exit": exit_, "tokenlay.usage.source": source})
         if source == "estimated":
             _log.warning(
                 "no usage from upstream for a %s call (%s): charged an estimate of %d tokens",
                 self.incoming.endpoint,
-                self.exit,
+                exit_,
                 tokens,
             )
-
-    def _input(self, source: str) -> int:
-        if source == "upstream" and self.usage is not None:
-            return self.usage.input_tokens or 0
-        return self.input_estimate
 
     # --- telemetry and responses -----------------------------------------------------
 

@@ -5,6 +5,7 @@ Pure builders, apart from :func:`send_json`, the one ASGI helper for a whole ans
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -99,6 +100,7 @@ class Responder:
 
     span: Span
     send: ASGISend
+    send_timeout_s: float
     gone: bool
     response_started: bool
     finished: bool
@@ -143,7 +145,12 @@ class Responder:
         if self.gone:
             return
         try:
-            await self.send(message)
-        except OSError:  # servers that raise on a closed connection (ASGI 2.4)
+            # A client that stops reading would hold the call, its slot and its
+            # upstream connection for as long as it liked.
+            async with asyncio.timeout(self.send_timeout_s):
+                await self.send(message)
+        except (OSError, RuntimeError, TimeoutError):
+            # OSError: servers that raise on a closed connection (ASGI 2.4); RuntimeError:
+            # a response the server already ended (its graceful shutdown gave up on it).
             if not self.gone:
                 self._client_gone()

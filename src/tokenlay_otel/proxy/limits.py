@@ -22,9 +22,17 @@ from typing import Any
 from urllib.parse import quote
 
 from .rules import Limit, Rule, first_match, usage_paths
-from .store import Adjustment, Hold, UsageStore
+from .store import LEASE_GRACE_S, Adjustment, Hold, UsageStore
 
-__all__ = ["ANONYMOUS", "Decision", "Enforcer", "Reservation", "bucket", "window_bounds"]
+__all__ = [
+    "ANONYMOUS",
+    "Decision",
+    "Enforcer",
+    "Reservation",
+    "bucket",
+    "counter_key",
+    "window_bounds",
+]
 
 WARN_AT = 0.8
 #: The bucket of calls that do not name the field a limit is per. No metadata value can
@@ -57,6 +65,11 @@ def window_bounds(window: str, now: float) -> tuple[str, float | None]:
 def bucket(value: Any) -> str:
     """A metadata value as it appears in a store key (``ANONYMOUS`` when absent)."""
     return ANONYMOUS if value is None else quote(str(value), safe="")
+
+
+def counter_key(kind: str, window: str, field_name: str, value: Any, label: str) -> str:
+    """The store key of one limit's counter: ``tokens:day:user=u1:20261202``."""
+    return f"{kind}:{window}:{field_name}={bucket(value)}:{label}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +105,6 @@ class Decision:
     rule: Rule | None = None
     action: str = "allow"  # the x-tokenlay-rule-action value
     model: str | None = None  # the model to send upstream
-    downgraded_from: str | None = None
     limit_exceeded: bool = False
     warnings: list[str] = field(default_factory=list)
     http_status: int = 429
@@ -119,11 +131,11 @@ def _counters(rule: Rule, context: Mapping[str, Any], now: float, lease_s: float
         subject = f"{limit.per} {value}" if value is not None else f"calls without a {limit.per}"
         ttl: int | None
         if limit.type == "concurrent":
-            label, resets, ttl = "now", None, int(lease_s) + 60
+            label, resets, ttl = "now", None, int(lease_s) + LEASE_GRACE_S
         else:
             label, resets = window_bounds(limit.window, now)
-            ttl = None if resets is None else int(resets - now) + 60
-        key = f"{limit.type}:{limit.window}:{field_name}={bucket(value)}:{label}"
+            ttl = None if resets is None else int(resets - now) + LEASE_GRACE_S
+        key = counter_key(limit.type, limit.window, field_name, value, label)
         out.append(_Counter(limit, key, subject, resets, ttl))
     return out
 
@@ -172,7 +184,7 @@ class Enforcer:
             kind, _, window = path.removeprefix("usage.").partition("_")
             window = window or "day"
             label, _ = window_bounds(window, now)
-            keys.append(f"{kind}:{window}:user={bucket(context.get('user'))}:{label}")
+            keys.append(counter_key(kind, window, "user", context.get("user"), label))
             paths.append(path)
         values = await self.store.get_many(keys)
         return dict(zip(paths, values, strict=True))
@@ -207,8 +219,7 @@ class Enforcer:
     ) -> tuple[_Counter, Hold, float] | None:
         """Take every counter's hold at once; the first one refused, if any, and its value."""
         holds = [c.hold(reservation) for c in counters]
-        until = time.time() + self.lease_s
-        index, values = await self.store.admit(holds, decision.lease_id, until, force=force)
+        index, values = await self.store.admit(holds, decision.lease_id, self.lease_s, force=force)
         if index >= 0:
             return counters[index], holds[index], values[index]
         decision.held = list(zip(counters, holds, strict=True))
@@ -249,7 +260,7 @@ class Enforcer:
             # are still leases that settle.
             if downgrade_to:
                 decision.action = "allow"
-                decision.downgraded_from, decision.model = decision.model, downgrade_to
+                decision.model = downgrade_to
                 decision.warnings.append(f"{reason}: downgraded to {downgrade_to}")
             else:
                 decision.action = "warn"
@@ -270,12 +281,15 @@ class Enforcer:
         self,
         decision: Decision,
         *,
-        tokens: int,
+        tokens: int | None,
         cost: float | None,
         estimated: bool = False,
         refund_request: bool = False,
     ) -> None:
-        """Replace the reservation with what the call used; end its leases. Once per call."""
+        """Replace the reservation with what the call used; end its leases. Once per call.
+
+        ``tokens=None``: what the call used is not known; the reservation is its charge.
+        """
         adjustments: list[Adjustment] = []
         for counter, hold in decision.held:
             kind = counter.limit.type
@@ -283,7 +297,7 @@ class Enforcer:
                 if refund_request:
                     adjustments.append((hold.key, -1.0, hold.ttl_s))
                 continue
-            if kind not in ("tokens", "cost"):
+            if kind not in ("tokens", "cost") or tokens is None:
                 continue
             used = float(tokens) if kind == "tokens" else (cost or 0.0)
             if used != hold.amount:
@@ -305,4 +319,4 @@ class Enforcer:
     async def renew(self, decisions: Sequence[Decision]) -> None:
         """Extend the leases of calls still running."""
         live = [(key, d.lease_id) for d in decisions for key in d.leases]
-        await self.store.renew(live, time.time() + self.lease_s)
+        await self.store.renew(live, self.lease_s)

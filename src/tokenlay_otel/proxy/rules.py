@@ -14,6 +14,7 @@ Pure: no I/O beyond reading the rules file, no store access. A rule is::
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,8 @@ def _check_condition(condition: Any, where: str) -> None:
 
 
 def _number(value: Any, where: str, *, positive: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or (positive and value <= 0):
+    bad = isinstance(value, bool) or not isinstance(value, int | float)
+    if bad or not math.isfinite(value) or (positive and value <= 0):
         raise RulesError(f"{where}: must be a positive number, got {value!r}")
     return float(value)
 
@@ -186,13 +188,20 @@ def _rule(raw: Any, index: int) -> Rule:
     if model is not None and not isinstance(model, str):
         raise RulesError(f"{where}.then.model: must be a string")
     on_limit = then.get("on_limit_exceeded")
+    parsed = tuple(_limit(item, f"{where}.then.limits[{i}]") for i, item in enumerate(limits))
+    counted = [(lim.type, lim.window, lim.tracking_key or lim.per) for lim in parsed]
+    if len(set(counted)) < len(counted):
+        # They would share one counter in the store and take it twice.
+        raise RulesError(
+            f"{where}.then.limits: two limits of the same type and window per the same field"
+        )
     return Rule(
         id=rule_id if isinstance(rule_id, str) else f"rule-{index + 1}",
         condition=raw["if"],
         priority=priority,
         model=model,
         action=action,
-        limits=tuple(_limit(item, f"{where}.then.limits[{i}]") for i, item in enumerate(limits)),
+        limits=parsed,
         on_limit_exceeded=None
         if on_limit is None
         else _on_limit(on_limit, f"{where}.then.on_limit_exceeded"),

@@ -194,6 +194,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="abandoned streams drained at once at most (default: %(default)s)",
     )
     gateway.add_argument(
+        "--send-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a client that takes longer to accept a piece of an answer is gone "
+        "(default: %(default)s)",
+    )
+    gateway.add_argument(
+        "--shutdown-timeout",
+        type=_non_negative_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="after the graceful wait, time for calls in flight to settle (default: %(default)s)",
+    )
+    gateway.add_argument(
         "--default-output-tokens",
         type=_positive_int,
         default=256,
@@ -220,6 +235,8 @@ def gateway_options(
         "drain_timeout_s": args.drain_timeout,
         "max_drains": args.max_drains,
         "default_output_tokens": args.default_output_tokens,
+        "send_timeout_s": args.send_timeout,
+        "shutdown_timeout_s": args.shutdown_timeout,
     }
     if args.allow_provider:
         options["allow_providers"] = tuple(args.allow_provider)

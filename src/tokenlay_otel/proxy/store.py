@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import math
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["Hold", "RedisStore", "SQLiteStore", "UsageStore", "open_store"]
+__all__ = ["LEASE_GRACE_S", "Hold", "RedisStore", "SQLiteStore", "UsageStore", "open_store"]
+
+T = TypeVar("T")
+#: How long a key outlives what it counts (a window's end, a lease's expiry), so a call
+#: settling just after still finds it.
+LEASE_GRACE_S = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,9 +62,9 @@ class UsageStore(abc.ABC):
 
     @abc.abstractmethod
     async def admit(
-        self, holds: Sequence[Hold], lease_id: str, lease_until: float, *, force: bool = False
+        self, holds: Sequence[Hold], lease_id: str, lease_s: float, *, force: bool = False
     ) -> tuple[int, list[float]]:
-        """Take every hold, or none.
+        """Take every hold, or none; leases run ``lease_s`` by the store's own clock.
 
         Returns:
             ``(-1, values after)`` when taken; else ``(index of the first hold refused,
@@ -74,12 +78,8 @@ class UsageStore(abc.ABC):
         """Add the adjustments (a counter never goes below 0) and end these leases."""
 
     @abc.abstractmethod
-    async def renew(self, leases: Sequence[tuple[str, str]], lease_until: float) -> None:
-        """Push back the expiry of live ``(key, lease_id)`` leases."""
-
-    @abc.abstractmethod
-    async def lease_counts(self, keys: Sequence[str]) -> list[int]:
-        """Live leases under each key."""
+    async def renew(self, leases: Sequence[tuple[str, str]], lease_s: float) -> None:
+        """Give live ``(key, lease_id)`` leases another ``lease_s`` from now."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -122,15 +122,18 @@ class SQLiteStore(UsageStore):
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _transaction(self, fn: Any, *args: Any) -> Any:
+    def _transaction(self, fn: Callable[..., T], *args: Any) -> T:
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
             result = fn(db, time.time(), *args)
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # A failed COMMIT leaves the transaction open; SQLite may also have rolled
+            # back by itself already. Either way the connection must come out clean.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
         return result
 
     @staticmethod
@@ -164,7 +167,7 @@ class SQLiteStore(UsageStore):
         now: float,
         holds: Sequence[Hold],
         lease_id: str,
-        lease_until: float,
+        lease_s: float,
         force: bool,
     ) -> tuple[int, list[float]]:
         values = [
@@ -179,7 +182,7 @@ class SQLiteStore(UsageStore):
             if hold.lease:
                 db.execute(
                     "INSERT OR REPLACE INTO leases (key, id, expires_at) VALUES (?, ?, ?)",
-                    (hold.key, lease_id, lease_until),
+                    (hold.key, lease_id, now + lease_s),
                 )
             else:
                 self._write(db, hold.key, value + hold.amount, hold.ttl_s, now)
@@ -200,37 +203,26 @@ class SQLiteStore(UsageStore):
         )
 
     def _renew(
-        self, db: sqlite3.Connection, now: float, leases: Sequence[tuple[str, str]], until: float
+        self, db: sqlite3.Connection, now: float, leases: Sequence[tuple[str, str]], lease_s: float
     ) -> None:
         db.executemany(
             "UPDATE leases SET expires_at = ? WHERE key = ? AND id = ?",
-            [(until, key, lease_id) for key, lease_id in leases],
+            [(now + lease_s, key, lease_id) for key, lease_id in leases],
         )
 
     def _get_many(self, keys: Sequence[str]) -> list[float]:
         db, now = self._conn(), time.time()
         return [self._current(db, key, now) for key in keys]
 
-    def _lease_counts(self, keys: Sequence[str]) -> list[int]:
-        db, now = self._conn(), time.time()
-        return [
-            int(
-                db.execute(
-                    "SELECT COUNT(*) FROM leases WHERE key = ? AND expires_at > ?", (key, now)
-                ).fetchone()[0]
-            )
-            for key in keys
-        ]
-
     async def get_many(self, keys: Sequence[str]) -> list[float]:
         result: list[float] = await self._run(self._get_many, keys)
         return result
 
     async def admit(
-        self, holds: Sequence[Hold], lease_id: str, lease_until: float, *, force: bool = False
+        self, holds: Sequence[Hold], lease_id: str, lease_s: float, *, force: bool = False
     ) -> tuple[int, list[float]]:
         result: tuple[int, list[float]] = await self._run(
-            self._transaction, self._admit, holds, lease_id, lease_until, force
+            self._transaction, self._admit, holds, lease_id, lease_s, force
         )
         return result
 
@@ -240,13 +232,9 @@ class SQLiteStore(UsageStore):
         if adjustments or leases:
             await self._run(self._transaction, self._settle, adjustments, leases, lease_id)
 
-    async def renew(self, leases: Sequence[tuple[str, str]], lease_until: float) -> None:
+    async def renew(self, leases: Sequence[tuple[str, str]], lease_s: float) -> None:
         if leases:
-            await self._run(self._transaction, self._renew, leases, lease_until)
-
-    async def lease_counts(self, keys: Sequence[str]) -> list[int]:
-        result: list[int] = await self._run(self._lease_counts, keys)
-        return result
+            await self._run(self._transaction, self._renew, leases, lease_s)
 
     async def close(self) -> None:
         def close() -> None:
@@ -258,15 +246,19 @@ class SQLiteStore(UsageStore):
         self._executor.shutdown(wait=True)
 
 
-# KEYS: one per hold. ARGV: force, lease_id, now, lease_until, then per hold
-# amount, maximum, ttl (0: none), lease (1/0). Checks every hold before taking any.
+# KEYS: one per hold. ARGV: force, lease_id, lease_s, then per hold amount, maximum,
+# ttl (0: none), lease (1/0). Checks every hold before taking any. Leases run by Redis's
+# clock, so proxies with skewed clocks cannot expire each other's.
 _ADMIT = """
 local force = ARGV[1] == '1'
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+local lease_until = now + tonumber(ARGV[3])
 local values = {}
 for i, key in ipairs(KEYS) do
-  local at = 4 + (i - 1) * 4
+  local at = 3 + (i - 1) * 4
   if ARGV[at + 4] == '1' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[3])
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     values[i] = redis.call('ZCARD', key)
   else
     values[i] = tonumber(redis.call('GET', key) or '0')
@@ -280,10 +272,10 @@ for i, key in ipairs(KEYS) do
 end
 local out = {-1}
 for i, key in ipairs(KEYS) do
-  local at = 4 + (i - 1) * 4
+  local at = 3 + (i - 1) * 4
   if ARGV[at + 4] == '1' then
-    redis.call('ZADD', key, ARGV[4], ARGV[2])
-    redis.call('EXPIREAT', key, math.ceil(tonumber(ARGV[4])) + 60)
+    redis.call('ZADD', key, lease_until, ARGV[2])
+    redis.call('EXPIREAT', key, math.ceil(lease_until) + GRACE)
     out[i + 1] = tostring(values[i] + 1)
   else
     out[i + 1] = redis.call('INCRBYFLOAT', key, ARGV[at + 1])
@@ -292,7 +284,7 @@ for i, key in ipairs(KEYS) do
   end
 end
 return out
-"""
+""".replace("GRACE", str(LEASE_GRACE_S))
 
 # KEYS: the adjusted counters, then the leases. ARGV: count of adjustments, lease_id,
 # then per adjustment amount, ttl (0: none).
@@ -309,6 +301,19 @@ return 1
 """
 
 
+# KEYS: the leases' keys. ARGV: lease_s, then each lease's id. Only live leases move.
+_RENEW = """
+local time = redis.call('TIME')
+local expiry = tonumber(time[1]) + tonumber(time[2]) / 1000000 + tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  if redis.call('ZADD', key, 'XX', 'CH', expiry, ARGV[i + 1]) > 0 then
+    redis.call('EXPIREAT', key, math.ceil(expiry) + GRACE)
+  end
+end
+return 1
+""".replace("GRACE", str(LEASE_GRACE_S))
+
+
 class RedisStore(UsageStore):
     """Counters in Redis, updated by Lua scripts: shared, exact limits across proxies."""
 
@@ -319,6 +324,7 @@ class RedisStore(UsageStore):
         self._prefix = prefix
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
+        self._renew = self._redis.register_script(_RENEW)
 
     async def get_many(self, keys: Sequence[str]) -> list[float]:
         if not keys:
@@ -327,11 +333,11 @@ class RedisStore(UsageStore):
         return [float(v) if v is not None else 0.0 for v in values]
 
     async def admit(
-        self, holds: Sequence[Hold], lease_id: str, lease_until: float, *, force: bool = False
+        self, holds: Sequence[Hold], lease_id: str, lease_s: float, *, force: bool = False
     ) -> tuple[int, list[float]]:
         if not holds:
             return -1, []
-        args: list[Any] = ["1" if force else "0", lease_id, repr(time.time()), repr(lease_until)]
+        args: list[Any] = ["1" if force else "0", lease_id, repr(float(lease_s))]
         for hold in holds:
             args += [repr(hold.amount), repr(hold.maximum), hold.ttl_s or 0, int(hold.lease)]
         index, *values = await self._admit(keys=[self._prefix + h.key for h in holds], args=args)
@@ -348,21 +354,10 @@ class RedisStore(UsageStore):
         keys = [self._prefix + key for key, _, _ in adjustments]
         await self._settle(keys=keys + [self._prefix + k for k in leases], args=args)
 
-    async def renew(self, leases: Sequence[tuple[str, str]], lease_until: float) -> None:
-        if not leases:
-            return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key, lease_id in leases:
-                pipe.zadd(self._prefix + key, {lease_id: lease_until}, xx=True)
-                pipe.expireat(self._prefix + key, math.ceil(lease_until) + 60)
-            await pipe.execute()
-
-    async def lease_counts(self, keys: Sequence[str]) -> list[int]:
-        now = repr(time.time())
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.zcount(self._prefix + key, f"({now}", "+inf")
-            return [int(v) for v in await pipe.execute()]
+    async def renew(self, leases: Sequence[tuple[str, str]], lease_s: float) -> None:
+        if leases:
+            keys = [self._prefix + key for key, _ in leases]
+            await self._renew(keys=keys, args=[repr(float(lease_s)), *(i for _, i in leases)])
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -10,6 +10,7 @@ that ends a stream is marked, so the call settles before the caller sees the end
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from .estimate import text_bytes, valid_usage
 
 __all__ = ["MAX_EVENT_BYTES", "StreamTap", "body_usage", "with_stream_usage"]
 
+_LINE_END = re.compile(r"\r\n|\r|\n")
 _USAGE_OPTION_PATHS = ("/chat/completions", "/completions")
 _FINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
 #: An SSE event larger than this is relayed without being read (its usage is lost).
@@ -61,7 +63,6 @@ class StreamTap:
     price: Callable[[Usage, str | None], float | None]
     drop_usage_chunk: bool
     usage: Usage | None = None
-    usage_refused: bool = False  # upstream sent usage that cannot be believed
     model: str | None = None
     cost: float | None = None
     text_bytes: int = 0
@@ -71,7 +72,10 @@ class StreamTap:
     def _event(self, raw: bytes) -> tuple[bytes | None, bool]:
         """(what to send, whether it ends the stream)."""
         text = raw.decode("utf-8", errors="replace")
-        data_lines = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
+        # SSE lines end only at CR, LF or CRLF (str.splitlines would also split inside a
+        # JSON string at U+2028, U+0085...).
+        lines = _LINE_END.split(text)
+        data_lines = [line[5:].strip() for line in lines if line.startswith("data:")]
         if not data_lines:
             return raw, False
         if data_lines[0] == "[DONE]":
@@ -87,12 +91,11 @@ class StreamTap:
         self.text_bytes += _event_text(event)
         if event.get("type") in _FINAL_TYPES:
             response = event.get("response")
-            present = isinstance(response, dict) and response.get("usage") is not None
-            self._note(*body_usage(response)[:2], present=present)
+            self._note(*body_usage(response)[:2])
             return raw, True
         if not isinstance(event.get("usage"), dict):
             return raw, False
-        self._note(valid_usage(usage_of(event["usage"])), self.model, present=True)
+        self._note(valid_usage(usage_of(event["usage"])), self.model)
         if event.get("choices"):
             return raw, False
         if self.drop_usage_chunk:
@@ -102,10 +105,9 @@ class StreamTap:
             return f"data: {json.dumps(event)}\n\n".encode(), False
         return raw, False
 
-    def _note(self, usage: Usage | None, model: str | None, *, present: bool) -> None:
+    def _note(self, usage: Usage | None, model: str | None) -> None:
         self.model = model or self.model
         if usage is None:
-            self.usage_refused |= present
             return
         self.usage = usage
         self.cost = self.price(usage, self.model)
