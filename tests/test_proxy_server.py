@@ -445,8 +445,8 @@ def test_cli_defaults_match_proxy_config() -> None:
     options = gateway_options(_proxy_args(), environ={})
     assert options == {name: defaults[name] for name in options}
     # Every setting of the gateway has a flag, but those only code can give.
-    code_only = {"keys", "rules", "store", "prices", "tracer_provider", "meter_provider"}
-    assert set(defaults) - set(options) == code_only | {"allow_providers"}
+    code_only = {"keys", "rules", "store", "tracer_provider", "meter_provider"}
+    assert set(defaults) - set(options) == code_only | {"allow_providers", "prices"}
 
 
 def test_help_shows_every_flag_with_its_default() -> None:
@@ -460,7 +460,7 @@ def test_help_shows_every_flag_with_its_default() -> None:
     ).stdout
     proxy = build_parser()._subparsers._group_actions[0].choices["proxy"]  # type: ignore[union-attr]
     flags = [a for a in proxy._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) == 22
+    assert len(flags) == 23
     text = " ".join(help_text.split())
     for action in flags:
         assert action.help is not None

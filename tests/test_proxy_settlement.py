@@ -587,3 +587,153 @@ def test_shutdown_answers_a_call_still_waiting_for_upstream(store: StoreView) ->
     assert outcome["status"] == 503
     assert outcome["body"]["error"]["code"] == "proxy_shutting_down"
     assert store.leases() == 0
+
+
+def test_a_model_without_a_price_cannot_slip_past_a_cost_limit(store: StoreView) -> None:
+    from tokenlay_otel._pricing import ModelRates, PriceBook
+
+    limits = rules({"type": "cost", "max": 1.0, "window": "day", "per": "user"})
+    with FakeOpenAIServer() as upstream:
+        with gateway(store, upstream.url, limits) as proxy:
+            client = sdk_client(proxy, upstream.url)
+            with pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(model="my-new-model", messages=MESSAGES)
+            assert info.value.code == "unpriced_model"
+            assert "--prices-file" in info.value.message
+        assert upstream.requests == []
+        prices = PriceBook({"my-new-model": ModelRates(input=1e-6, output=2e-6)})
+        with gateway(store, upstream.url, limits, prices=prices) as proxy:
+            client = sdk_client(proxy, upstream.url)
+            client.chat.completions.create(model="my-new-model", messages=MESSAGES)
+    (cost,) = [v for k, v in store.counters().items() if k.startswith("cost:")]
+    assert cost == pytest.approx(12 * 1e-6 + 7 * 2e-6)
+
+
+# --- found by attacking the reworked proxy ---------------------------------------------------
+
+
+def test_a_base_without_v1_and_a_path_with_two_is_metered_all_the_same(store: StoreView) -> None:
+    limits = rules({"type": "tokens", "max": 1000, "window": "hour", "per": "user"})
+    with FakeOpenAIServer() as upstream, gateway(store, upstream.url, limits) as proxy:
+        r = httpx2.post(
+            proxy + "/v1/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 10},
+            headers={**headers(upstream.url), "x-tokenlay-provider-base": upstream.url},
+        )
+        assert r.status_code == 200
+        assert upstream.requests[-1].path == "/v1/chat/completions"
+    assert store.tokens() == BODY_USAGE
+
+
+def test_a_caller_cannot_turn_the_usage_chunk_and_the_metering_off(store: StoreView) -> None:
+    with FakeOpenAIServer() as upstream, gateway(store, upstream.url, ONE_AT_A_TIME) as proxy:
+        client = plain_client(proxy, upstream.url)
+        stream = client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": False},
+        )
+        chunks = list(stream)
+        assert all(c.usage is None for c in chunks)  # as the caller asked
+        assert upstream.requests[-1].json()["stream_options"] == {"include_usage": True}
+    assert store.tokens() == STREAM_USAGE
+
+
+def test_a_caller_who_hangs_up_keeps_its_slot_while_upstream_works(store: StoreView) -> None:
+    with FakeOpenAIServer() as upstream, gateway(store, upstream.url, ONE_AT_A_TIME) as proxy:
+        upstream.stream_delay = 0.3
+        client = sdk_client(proxy, upstream.url)
+        stream = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+        next(iter(stream))
+        stream.close()
+        # Upstream still generates for that call: a second one at once would be two.
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert wait_for(lambda: store.leases() == 0 and store.tokens() == STREAM_USAGE)
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+
+def test_an_answer_without_usage_yet_is_charged_all_it_may_write(store: StoreView) -> None:
+    limits = rules({"type": "tokens", "max": 100_000, "window": "hour", "per": "user"})
+    queued = json.dumps(
+        {
+            "id": "resp_1",
+            "object": "response",
+            "status": "queued",
+            "model": "gpt-4o-mini",
+            "output": [],
+            "usage": None,
+        }
+    ).encode()
+    with raw_upstream() as upstream, gateway(store, upstream.url, limits) as proxy:
+        upstream.answers = [http_response(queued)]
+        r = httpx2.post(
+            proxy + "/v1/responses",
+            json={
+                "model": "gpt-4o-mini",
+                "input": "Hello",
+                "background": True,
+                "max_output_tokens": 5000,
+            },
+            headers=headers(upstream.url),
+        )
+        assert r.status_code == 200
+    assert store.tokens() == store.estimated() >= 5000
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        # output missing: not believed, estimated from the text
+        ([{"choices": [], "usage": {"prompt_tokens": 12}}], None),
+        # a later, smaller report does not take back what the first one said
+        (
+            [
+                {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 500}},
+                {"choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0}},
+            ],
+            512,
+        ),
+    ],
+)
+def test_a_hostile_stream_cannot_shrink_its_usage(
+    store: StoreView, events: list[Any], expected: int | None
+) -> None:
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
+    text = {
+        **base,
+        "choices": [{"index": 0, "delta": {"content": "x" * 300}, "finish_reason": None}],
+    }
+    with raw_upstream() as upstream, gateway(store, upstream.url, ONE_AT_A_TIME) as proxy:
+        upstream.answers = [sse_response([text, *({**base, **e} for e in events)])]
+        client = sdk_client(proxy, upstream.url)
+        list(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))
+        assert wait_for(lambda: store.leases() == 0 and store.tokens() > 0)
+    if expected is None:
+        assert store.tokens() == store.estimated() == 17 + 100  # 300 bytes of text
+    else:
+        assert store.tokens() == expected
+
+
+def test_nothing_after_the_end_of_a_stream_is_relayed(store: StoreView) -> None:
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
+    first = {**base, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}
+    usage = {**base, "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 1}}
+    late = {**base, "choices": [{"index": 0, "delta": {"content": "free text"}}]}
+    # CR-only line endings are SSE too.
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\r\r" for e in (first, usage))
+    body += b"data: [DONE]\r\r" + b"data: " + json.dumps(late).encode() + b"\r\r"
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+    with raw_upstream() as upstream, gateway(store, upstream.url, ONE_AT_A_TIME) as proxy:
+        upstream.answers = [head + body]
+        with httpx2.stream(
+            "POST",
+            proxy + "/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
+            headers=headers(upstream.url),
+        ) as r:
+            relayed = r.read()
+    assert b"free text" not in relayed
+    assert relayed.endswith(b"data: [DONE]\r\r")
+    assert store.tokens() == 13 and store.estimated() == 0

@@ -162,6 +162,9 @@ def _genai_rates(model: str, provider_url: str | None) -> ModelRates | _TieredRa
     return ModelRates(input=flat[0] or 0.0, output=flat[1] or 0.0, cached_input=flat[2])
 
 
+_MAX_CACHED = 10_000
+
+
 class PriceBook:
     """Local prices: user overrides first, then genai-prices; cached per model."""
 
@@ -185,6 +188,9 @@ class PriceBook:
                 log.debug("genai-prices lookup failed for %s", model, exc_info=True)
                 found = None
         with self._lock:
+            # Model names can come from callers (a proxy): keep the cache bounded.
+            if len(self._cache) >= _MAX_CACHED:
+                self._cache.clear()
             self._cache[key] = found
         return found
 

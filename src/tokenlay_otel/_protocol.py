@@ -174,10 +174,13 @@ def decode_wire_value(raw: bytes) -> str:
 def metadata_from_wire(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     """Metadata from raw request headers (lower-case names), as the proxy reads it.
 
+    A header sent twice is refused, even with an empty value.
+
     Raises:
         ValueError: naming the header that is sent twice or whose value is not valid.
     """
     out: dict[str, str] = {}
+    seen: set[str] = set()
     prefix = HEADER_PREFIX.encode()
     for name, raw in headers:
         if not name.startswith(prefix):
@@ -189,12 +192,15 @@ def metadata_from_wire(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]
             field = normalize_field_name(lowered[len(HEADER_PREFIX) :])
         except ValueError:
             continue
-        if field in out:
+        if field in seen:
             raise ValueError(f"{lowered} is sent twice")
+        seen.add(field)
         try:
-            out[field] = decode_wire_value(raw)
+            value = decode_wire_value(raw)
         except ValueError as exc:
             raise ValueError(f"{lowered} {exc}") from None
+        if value:  # an empty value names nothing: the call is as if it were not sent
+            out[field] = value
     return out
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2
 from opentelemetry import metrics, propagate, trace
@@ -239,9 +240,7 @@ class Gateway:
         except ValueError as exc:
             raise _Refused(400, f"metadata header {exc}", "invalid_metadata") from None
         body = await self._body(receive, headers)
-        endpoint = (
-            suffix.strip("/") if method == "POST" and suffix.strip("/") in ENDPOINTS else None
-        )
+        endpoint = metered_endpoint(method, base, suffix)
         data: dict[str, Any] | None = None
         if endpoint is not None:
             data = _json_object(body)
@@ -327,6 +326,21 @@ class Gateway:
             self._heartbeat.cancel()
         await self.client.aclose()
         await self.config.store.close()
+
+
+def metered_endpoint(method: str, base: str, suffix: str) -> str | None:
+    """The metered endpoint a request reaches, told by the whole upstream path.
+
+    The request path alone would not do: a base without ``/v1`` and a path with two
+    reach ``/v1/chat/completions`` all the same.
+    """
+    if method != "POST":
+        return None
+    path = "/" + (urlsplit(base).path + suffix).strip("/")
+    for endpoint in ENDPOINTS:  # chat/completions before completions
+        if path.endswith("/" + endpoint):
+            return endpoint
+    return None
 
 
 def _check_header_values(raw: list[tuple[bytes, bytes]]) -> None:

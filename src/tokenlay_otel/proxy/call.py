@@ -60,7 +60,7 @@ __all__ = ["Call"]
 
 _log = logging.getLogger("tokenlay_otel.proxy")
 #: A JSON answer larger than this is not read whole (the call is charged its estimate).
-MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_ERROR_BYTES = 1024 * 1024
 # The provider's headers a caller may act on (its retry advice, its request id).
 _UPSTREAM_HEADERS = ("retry-after", "x-request-id", "x-ratelimit-", "openai-processing-ms")
@@ -111,7 +111,6 @@ class Call(Responder):
         self.refund = False  # give the request back
         self.usage: Usage | None = None
         self.text_bytes = 0
-        self.seen_text = False  # the answer's text passed through us (a stream, a whole body)
         self.tap: StreamTap | None = None
         self._deadline: asyncio.Timeout | None = None
         self._draining = False
@@ -196,14 +195,10 @@ class Call(Responder):
                 return
 
     def _client_gone(self) -> None:
+        # The call keeps its slot while it drains: upstream is still at work for it, and
+        # a caller who hangs up and calls again must not run more calls than its limit.
         self.gone = True
-        if self._settlement is not None:
-            return
-        if self.decision is not None and self.decision.leases:
-            # The caller is free to call again at once; what the call used is still
-            # settled below, once upstream has said it.
-            self.gw.spawn(self._release_leases(self.decision))
-        if self._deadline is None:
+        if self._settlement is not None or self._deadline is None:
             return
         config, now = self.gw.config, asyncio.get_running_loop().time()
         metered = self.incoming.endpoint is not None
@@ -215,12 +210,6 @@ class Call(Responder):
             self._reschedule(now + config.drain_timeout_s)
         else:
             self._reschedule(now)
-
-    async def _release_leases(self, decision: Decision) -> None:
-        try:
-            await self.gw.enforcer.release_leases(decision)
-        except Exception:
-            _log.error("could not release a call's concurrency leases", exc_info=True)
 
     def stop(self) -> None:
         """Shutdown: end the call where it is; it settles on what it has read."""
@@ -242,7 +231,7 @@ class Call(Responder):
             data = incoming.data
             if decision.model and decision.model != self.requested:
                 data = {**data, "model": decision.model}
-            data, injected = with_stream_usage(incoming.suffix, data)
+            data, injected = with_stream_usage(incoming.endpoint, data)
             if data is not incoming.data:
                 content = json.dumps(data).encode()
         out = {"authorization": f"Bearer {incoming.provider_key or 'mock'}", **incoming.forwarded}
@@ -301,7 +290,6 @@ class Call(Responder):
     ) -> None:
         status = upstream.status_code
         content_type = upstream.headers.get("content-type", "")
-        metered = self.incoming.endpoint is not None
         headers.update(
             (k, v) for k, v in upstream.headers.items() if k.lower().startswith(_UPSTREAM_HEADERS)
         )
@@ -311,9 +299,10 @@ class Call(Responder):
             await self._settle()
             await self._send_whole(status, payload or b"", content_type, headers)
             return
-        if "text/event-stream" in content_type or not metered:
-            if metered:
-                self.tap = StreamTap(price=self.price, drop_usage_chunk=injected)
+        endpoint = self.incoming.endpoint
+        if "text/event-stream" in content_type or endpoint is None:
+            if endpoint is not None:
+                self.tap = StreamTap(self.price, drop_usage_chunk=injected, endpoint=endpoint)
             await self._relay(upstream, status, content_type, headers)
             return
         payload = await self._read_whole(upstream)
@@ -322,8 +311,7 @@ class Call(Responder):
             await self._settle()
             await self._send_error(502, "the provider's answer was cut", "upstream_cut", headers)
             return
-        usage, model, self.text_bytes = body_usage(_json_or_none(payload))
-        self.seen_text = True
+        usage, model, self.text_bytes = body_usage(_json_or_none(payload), self.incoming.endpoint)
         self.usage, self.model = usage, model or self.model
         self.exit = "done"
         await self._settle()
@@ -360,6 +348,8 @@ class Call(Responder):
                         self.exit = "client_gone" if self.gone else "done"
                         await self._settle()
                     await self._body(data)
+                if tap is not None and tap.ended:
+                    break  # nothing after the last event is relayed, or metered
         except httpx2.HTTPError as exc:
             self.exit = "upstream_cut"
             _log.info("the upstream stream was cut: %s", type(exc).__name__)
@@ -386,10 +376,12 @@ class Call(Responder):
             return tokens, self.price(usage, model), "upstream", usage.input_tokens or 0
         if self.incoming.endpoint is None or not self.asked or self.exit == "upstream_error":
             return 0, 0.0, "none", 0
-        # A stream is charged the text it sent; an answer we never read whole, all it
-        # could have written: the provider bills it either way.
-        seen = self.tap is not None or self.seen_text
-        output = text_tokens(text) if seen else self.output_cap
+        # A stream is charged the text it sent. An answer without usage (cut, never read
+        # whole, or not done yet: a background response) is charged all it may write,
+        # the provider bills it either way.
+        output = text_tokens(text)
+        if self.tap is None:
+            output = max(output, self.output_cap)
         cost = self.price(Usage(self.input_estimate, output), model)
         return self.input_estimate + output, cost, "estimated", self.input_estimate
 

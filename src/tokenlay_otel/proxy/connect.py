@@ -139,14 +139,15 @@ def upstream_transport(
         resolver: ``(host, port) -> [ip, ...]``; default ``anyio.getaddrinfo``.
         network_backend: opens the sockets to the checked IPs; default httpcore2's.
         verify: as ``httpx2.AsyncHTTPTransport``'s (an ``ssl.SSLContext`` or bool).
-        limits: connection limits; default 100 connections, 20 kept alive.
+        limits: connection limits; default 1,000 connections, 100 kept alive.
         http2: allow HTTP/2. retries: connect retries.
 
     Returns:
         The transport. Pass it as ``httpx2.AsyncClient(transport=...)``: a client with an
         explicit transport ignores ``HTTP(S)_PROXY``, which would bypass the check.
     """
-    limits = limits or httpx2.Limits(max_connections=100, max_keepalive_connections=20)
+    # Callers share the pool: a small one lets a few slow readers hold everyone's turn.
+    limits = limits or httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
     ssl_context = httpx2.create_ssl_context(verify=verify, trust_env=False)
     transport = httpx2.AsyncHTTPTransport(
         verify=ssl_context, trust_env=False, http2=http2, limits=limits, retries=retries

@@ -100,14 +100,17 @@ def _count(value: int | None) -> bool:
     return value is None or 0 <= value <= MAX_CALL_TOKENS
 
 
-def valid_usage(usage: Usage | None) -> Usage | None:
+def valid_usage(usage: Usage | None, endpoint: str | None) -> Usage | None:
     """``usage`` when its counts are believable, else ``None`` (to be estimated).
 
-    Upstream is chosen by the caller, so its numbers are evidence, not truth: a
-    negative, huge or missing count would credit or zero a user's limits.
+    Upstream's numbers are evidence, not truth: a negative, huge or missing count would
+    credit or zero a user's limits. Every metered endpoint reports its input; all but
+    embeddings report their output.
     """
     if usage is None or usage.input_tokens is None:
-        return None  # every metered endpoint reports its input
+        return None
+    if usage.output_tokens is None and endpoint != "embeddings":
+        return None
     counts = (
         usage.input_tokens,
         usage.output_tokens,

@@ -209,7 +209,17 @@ class Enforcer:
             decision.error_message = f"blocked by rule {rule.id!r}"
             return decision
         counters = _counters(rule, context, now, self.lease_s)
-        refused = await self._take(decision, counters, estimate(decision.model), force=False)
+        reservation = estimate(decision.model)
+        if reservation.cost is None and any(c.limit.type == "cost" for c in counters):
+            # Unpriced, the call would count nothing against its cost limit.
+            decision.action, decision.http_status = "block", 400
+            decision.error_code = "unpriced_model"
+            decision.error_message = (
+                f"model {decision.model!r} has no price, so its cost limit cannot be "
+                "enforced; give the proxy its price with --prices-file"
+            )
+            return decision
+        refused = await self._take(decision, counters, reservation, force=False)
         if refused is not None:
             await self._on_exceeded(decision, rule, refused, context, estimate)
         return decision
@@ -308,13 +318,6 @@ class Enforcer:
         leases = decision.leases
         decision.held = []
         await self.store.settle(adjustments, leases, decision.lease_id)
-
-    async def release_leases(self, decision: Decision) -> None:
-        """End a call's concurrency leases ahead of its settlement (its client left)."""
-        leases = decision.leases
-        if leases:
-            decision.held = [(c, h) for c, h in decision.held if not h.lease]
-            await self.store.settle((), leases, decision.lease_id)
 
     async def renew(self, decisions: Sequence[Decision]) -> None:
         """Extend the leases of calls still running."""

@@ -152,6 +152,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"${ENV_ALLOW_PROVIDERS}, comma-separated, else none)",
     )
     gateway.add_argument(
+        "--prices-file",
+        metavar="FILE",
+        help="prices for models genai-prices does not know, or overrides: JSON or YAML, "
+        "{model: {input, output, cached}} in USD per 1M tokens (default: none)",
+    )
+    gateway.add_argument(
         "--max-body-bytes",
         type=_positive_int,
         default=32 * 1024 * 1024,
@@ -238,6 +244,10 @@ def gateway_options(
         "send_timeout_s": args.send_timeout,
         "shutdown_timeout_s": args.shutdown_timeout,
     }
+    if args.prices_file:
+        from tokenlay_otel._pricing import PriceBook, load_price_overrides
+
+        options["prices"] = PriceBook(load_price_overrides(args.prices_file))
     if args.allow_provider:
         options["allow_providers"] = tuple(args.allow_provider)
     elif env.get(ENV_ALLOW_PROVIDERS, "").strip():
@@ -292,7 +302,10 @@ def run(args: argparse.Namespace) -> int:
         rules = load_rules(args.rules) if args.rules else []
     except RulesError as exc:
         raise SystemExit(f"tokenlay-otel proxy: {exc}") from None
-    options = gateway_options(args)
+    try:
+        options = gateway_options(args)
+    except (OSError, ValueError) as exc:  # an unreadable or malformed --prices-file
+        raise SystemExit(f"tokenlay-otel proxy: {exc}") from None
     raise_open_files_limit()  # before max_connections is derived from it
     limits = server_limits(args)
     if os.environ.get("OTEL_TRACES_EXPORTER") or os.environ.get("OTEL_METRICS_EXPORTER"):

@@ -22,30 +22,36 @@ from .estimate import text_bytes, valid_usage
 __all__ = ["MAX_EVENT_BYTES", "StreamTap", "body_usage", "with_stream_usage"]
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
-_USAGE_OPTION_PATHS = ("/chat/completions", "/completions")
+_USAGE_OPTION_ENDPOINTS = ("chat/completions", "completions")
 _FINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# Where an SSE event ends: a blank line, whichever line ending the server uses.
+_EVENT_ENDS = (b"\r\n\r\n", b"\n\n", b"\r\r")
 #: An SSE event larger than this is relayed without being read (its usage is lost).
 MAX_EVENT_BYTES = 1 << 20
 
 
-def with_stream_usage(path: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Ask upstream for a usage chunk when the caller did not; (body, injected)."""
-    if body.get("stream") is not True or not path.endswith(_USAGE_OPTION_PATHS):
+def with_stream_usage(endpoint: str | None, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Always ask upstream for a stream's usage chunk; (body, whether the caller did not).
+
+    A caller who turns the usage chunk off must not turn the metering off with it.
+    """
+    if body.get("stream") is not True or endpoint not in _USAGE_OPTION_ENDPOINTS:
         return body, False
     options = body.get("stream_options")
-    if isinstance(options, dict) and "include_usage" in options:
+    if isinstance(options, dict) and options.get("include_usage") is True:
         return body, False
     options = dict(options) if isinstance(options, dict) else {}
     return {**body, "stream_options": {**options, "include_usage": True}}, True
 
 
-def body_usage(data: Any) -> tuple[Usage | None, str | None, int]:
+def body_usage(data: Any, endpoint: str | None) -> tuple[Usage | None, str | None, int]:
     """Validated usage, response model, and UTF-8 bytes of output text of a JSON body."""
     if not isinstance(data, dict):
         return None, None, 0
     model = data.get("model") if isinstance(data.get("model"), str) else None
     output = data.get("choices", data.get("output"))
-    return valid_usage(usage_of(data.get("usage"))), model, text_bytes(output)[0]
+    usage = valid_usage(usage_of(data.get("usage")), endpoint)
+    return usage, model, text_bytes(output)[0]
 
 
 def _event_text(event: dict[str, Any]) -> int:
@@ -62,12 +68,14 @@ class StreamTap:
 
     price: Callable[[Usage, str | None], float | None]
     drop_usage_chunk: bool
+    endpoint: str = "chat/completions"
     usage: Usage | None = None
     model: str | None = None
     cost: float | None = None
     text_bytes: int = 0
     _buffer: bytes = field(default=b"", repr=False)
     _blind: bool = False  # an event went past the size bound: relay the rest unread
+    ended: bool = False  # the stream's last event went by; nothing after it is relayed
 
     def _event(self, raw: bytes) -> tuple[bytes | None, bool]:
         """(what to send, whether it ends the stream)."""
@@ -79,7 +87,7 @@ class StreamTap:
         if not data_lines:
             return raw, False
         if data_lines[0] == "[DONE]":
-            return raw, True
+            return raw, self.endpoint != "responses"
         try:
             event = json.loads("\n".join(data_lines))
         except (ValueError, RecursionError):
@@ -89,13 +97,12 @@ class StreamTap:
         if isinstance(event.get("model"), str):
             self.model = event["model"]
         self.text_bytes += _event_text(event)
-        if event.get("type") in _FINAL_TYPES:
-            response = event.get("response")
-            self._note(*body_usage(response)[:2])
+        if self.endpoint == "responses" and event.get("type") in _FINAL_TYPES:
+            self._note(*body_usage(event.get("response"), self.endpoint)[:2])
             return raw, True
         if not isinstance(event.get("usage"), dict):
             return raw, False
-        self._note(valid_usage(usage_of(event["usage"])), self.model)
+        self._note(valid_usage(usage_of(event["usage"]), self.endpoint), self.model)
         if event.get("choices"):
             return raw, False
         if self.drop_usage_chunk:
@@ -107,26 +114,27 @@ class StreamTap:
 
     def _note(self, usage: Usage | None, model: str | None) -> None:
         self.model = model or self.model
-        if usage is None:
-            return
+        if usage is None or (self.usage is not None and _total(self.usage) > _total(usage)):
+            return  # a later, smaller report does not take back what was billed
         self.usage = usage
         self.cost = self.price(usage, self.model)
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, bool]]:
         """The events completed by ``chunk``: (bytes to send, ends the stream)."""
+        if self.ended:
+            return []
         if self._blind:
             return [(chunk, False)]
         buffer = self._buffer + chunk
         out: list[tuple[bytes, bool]] = []
-        while True:
-            # An SSE event ends at a blank line (\n\n, or \r\n\r\n).
-            ends = [i for i in (buffer.find(b"\n\n"), buffer.find(b"\r\n\r\n")) if i >= 0]
-            if not ends:
+        while not self.ended:
+            found = [(i, len(e)) for e in _EVENT_ENDS if (i := buffer.find(e)) >= 0]
+            if not found:
                 break
-            end = min(ends)
-            size = 4 if buffer[end : end + 4] == b"\r\n\r\n" else 2
+            end, size = min(found)
             raw, buffer = buffer[: end + size], buffer[end + size :]
             sent, final = self._event(raw)
+            self.ended = final
             if sent is not None:
                 out.append((sent, final))
         if len(buffer) > MAX_EVENT_BYTES:
@@ -137,5 +145,9 @@ class StreamTap:
 
     def flush(self) -> bytes:
         """What is left of an unfinished last event."""
-        rest, self._buffer = self._buffer, b""
+        rest, self._buffer = (b"" if self.ended else self._buffer), b""
         return rest
+
+
+def _total(usage: Usage) -> int:
+    return (usage.input_tokens or 0) + (usage.output_tokens or 0)
