@@ -1,0 +1,183 @@
+"""The proxy's pure parts and its stores, without a server: estimates, usage checks,
+the stream tap, and admit/settle/renew on SQLite and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+
+from tokenlay_otel._attributes import Usage
+from tokenlay_otel.proxy.app import metered_endpoint
+from tokenlay_otel.proxy.estimate import input_tokens, output_cap, text_tokens, valid_usage
+from tokenlay_otel.proxy.limits import bucket, counter_key
+from tokenlay_otel.proxy.store import Hold
+from tokenlay_otel.proxy.upstream import StreamTap, with_stream_usage
+
+from .proxy_store_view import StoreView, redis_url, store
+
+__all__ = ["redis_url", "store"]  # fixtures
+
+
+def test_the_input_estimate_is_at_least_what_a_tokenizer_counts() -> None:
+    # ~4 characters a token in English: 3 bytes a token stays above it.
+    text = "The quick brown fox jumps over the lazy dog. " * 20  # 900 chars, ~200 tokens
+    body = {"messages": [{"role": "user", "content": text}]}
+    assert input_tokens(body) >= 200
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 10**6}}
+    with_image = {"messages": [{"role": "user", "content": [image]}]}
+    assert 765 <= input_tokens(with_image) < 800  # an image part, not a megabyte of text
+    deep: Any = "x"
+    for _ in range(10_000):
+        deep = [deep]
+    assert input_tokens({"input": deep}) < 10  # bounded in depth, no RecursionError
+
+
+@pytest.mark.parametrize(
+    ("body", "endpoint", "expected"),
+    [
+        ({"max_tokens": 10}, "chat/completions", 10),
+        ({"max_completion_tokens": 20, "max_tokens": 10}, "chat/completions", 20),
+        ({"max_output_tokens": 30}, "responses", 30),
+        ({"max_tokens": 10, "n": 3}, "chat/completions", 30),
+        ({}, "chat/completions", 256),
+        ({"max_tokens": -5}, "chat/completions", 256),
+        ({"max_tokens": True}, "chat/completions", 256),
+        ({"max_tokens": 10**12}, "chat/completions", 256),
+        ({"max_tokens": 10}, "embeddings", 0),
+    ],
+)
+def test_the_output_cap(body: dict[str, Any], endpoint: str, expected: int) -> None:
+    assert output_cap(body, endpoint, 256) == expected
+
+
+@pytest.mark.parametrize(
+    ("usage", "endpoint", "believed"),
+    [
+        (Usage(12, 7), "chat/completions", True),
+        (Usage(12, None), "embeddings", True),
+        (Usage(12, None), "chat/completions", False),
+        (Usage(None, 7), "chat/completions", False),
+        (Usage(-1, 7), "chat/completions", False),
+        (Usage(12, 2**63), "chat/completions", False),
+        (Usage(12, 7, cached_input_tokens=-3), "chat/completions", False),
+        (None, "chat/completions", False),
+    ],
+)
+def test_usage_is_evidence_not_truth(usage: Usage | None, endpoint: str, believed: bool) -> None:
+    assert (valid_usage(usage, endpoint) is not None) is believed
+
+
+@pytest.mark.parametrize(
+    ("method", "base", "suffix", "endpoint"),
+    [
+        ("POST", "https://api.openai.com/v1", "/chat/completions", "chat/completions"),
+        ("POST", "https://api.openai.com", "/v1/chat/completions", "chat/completions"),
+        ("POST", "https://x.openai.azure.com/openai/deployments/d", "/chat/completions",
+         "chat/completions"),
+        ("POST", "https://api.openai.com/v1", "/completions", "completions"),
+        ("POST", "https://api.openai.com/v1", "/responses/", "responses"),
+        ("GET", "https://api.openai.com/v1", "/responses", None),
+        ("POST", "https://api.openai.com/v1", "/images/generations", None),
+    ],
+)  # fmt: skip
+def test_the_metered_endpoint_is_told_by_the_whole_path(
+    method: str, base: str, suffix: str, endpoint: str | None
+) -> None:
+    assert metered_endpoint(method, base, suffix) == endpoint
+
+
+def test_the_usage_option_is_always_asked_for() -> None:
+    body = {"stream": True, "stream_options": {"include_usage": False}}
+    asked, hidden = with_stream_usage("chat/completions", body)
+    assert asked["stream_options"] == {"include_usage": True} and hidden
+    assert body["stream_options"] == {"include_usage": False}  # the caller's, untouched
+    mine = {"stream": True, "stream_options": {"include_usage": True}}
+    assert with_stream_usage("chat/completions", mine) == (mine, False)
+    assert with_stream_usage("responses", {"stream": True}) == ({"stream": True}, False)
+
+
+def _events(*events: Any, end: bytes = b"\n\n") -> bytes:
+    return b"".join(b"data: " + json.dumps(e).encode() + end for e in events)
+
+
+def test_the_tap_splits_events_however_the_bytes_arrive() -> None:
+    chunk = {"model": "m", "choices": [{"index": 0, "delta": {"content": "héllo"}}]}
+    usage = {"model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+    stream = _events(chunk, usage) + b"data: [DONE]\n\n"
+    for size in (1, 7, len(stream)):
+        tap = StreamTap(lambda u, m: 0.5, drop_usage_chunk=True)
+        out = [tap.feed(stream[i : i + size]) for i in range(0, len(stream), size)]
+        sent = [piece for pieces in out for piece in pieces]
+        assert [final for _, final in sent] == [False, True]  # the usage chunk dropped
+        assert b"".join(data for data, _ in sent) == _events(chunk) + b"data: [DONE]\n\n"
+        assert tap.usage == Usage(3, 2, None, None, None) and tap.cost == 0.5
+        assert tap.text_bytes == len("héllo".encode())
+
+
+def test_an_event_past_the_size_bound_is_relayed_unread() -> None:
+    tap = StreamTap(lambda u, m: None, drop_usage_chunk=False)
+    huge = b"data: " + b"x" * (2 << 20)
+    assert tap.feed(huge) == [(huge, False)]
+    assert tap.feed(b"more\n\n") == [(b"more\n\n", False)]
+
+
+def test_keys_cannot_be_named_by_a_value() -> None:
+    assert bucket(None) == "*"
+    assert bucket("*") == "%2A"
+    assert counter_key("tokens", "day", "user", "a:b=c", "20261202") == (
+        "tokens:day:user=a%3Ab%3Dc:20261202"
+    )
+    assert text_tokens(3) == 1 and text_tokens(4) == 2
+
+
+# --- the stores -------------------------------------------------------------------------------
+
+
+def test_admit_takes_every_hold_or_none(store: StoreView) -> None:
+    async def main() -> None:
+        s = store.make()
+        try:
+            tokens = Hold("tokens:k", 60, 100, 3600)
+            slot = Hold("concurrent:k", 1, 1, None, lease=True)
+            assert await s.admit([tokens, slot], "a", 60) == (-1, [60.0, 1.0])
+            # The slot is taken: nothing is taken, not even the tokens that would fit.
+            assert await s.admit([Hold("tokens:k", 10, 100, 3600), slot], "b", 60) == (
+                1,
+                [60.0, 1.0],
+            )
+            assert await s.admit([tokens], "c", 60) == (0, [60.0])  # 60 + 60 > 100
+            assert await s.get_many(["tokens:k"]) == [60.0]
+            # Settling: the real usage (a credit past 0 is clamped), the lease ended.
+            await s.settle([("tokens:k", -500, 3600)], ["concurrent:k"], "a")
+            assert await s.get_many(["tokens:k"]) == [0.0]
+            assert store.leases() == 0
+            assert await s.admit([Hold("tokens:k", 100, 100, 3600)], "d", 60) == (-1, [100.0])
+            assert await s.admit([Hold("tokens:k", 0, 100, 3600)], "e", 60) == (0, [100.0])
+        finally:
+            await s.close()
+
+    asyncio.run(main())
+
+
+def test_leases_expire_unless_renewed(store: StoreView) -> None:
+    async def main() -> None:
+        s = store.make()
+        try:
+            slot = Hold("concurrent:r", 1, 2, None, lease=True)
+            assert (await s.admit([slot], "kept", 0.5))[0] == -1
+            assert (await s.admit([slot], "lost", 0.5))[0] == -1
+            assert (await s.admit([slot], "third", 0.5))[0] == 0
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                await s.renew([("concurrent:r", "kept")], 0.5)
+                await asyncio.sleep(0.1)
+            assert store.leases() == 1  # "lost" expired, "kept" lives on
+            assert (await s.admit([slot], "fourth", 0.5))[0] == -1
+        finally:
+            await s.close()
+
+    asyncio.run(main())
