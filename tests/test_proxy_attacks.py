@@ -104,7 +104,7 @@ def test_an_allowed_provider_is_reached_and_others_are_not(store: StoreView) -> 
 
 
 def test_get_requests_pass_auth_and_rules(store: StoreView) -> None:
-    limits = requests_per_user(5, "minute")
+    limits = requests_per_user(5, "total")
     with gateway(store, limits) as proxy:
         r = httpx2.get(proxy + "/v1/models", headers={"authorization": "Bearer wrong"})
         assert r.status_code == 401
@@ -177,7 +177,7 @@ def test_a_slow_body_is_a_408_and_a_client_leaving_mid_body_is_no_traceback(
 
 
 def test_anonymous_calls_get_a_bucket_no_value_can_name(store: StoreView) -> None:
-    limits = requests_per_user(2, "hour")
+    limits = requests_per_user(2, "total")
     with gateway(store, limits) as proxy:
         post = proxy + "/v1/chat/completions"
         anonymous = [httpx2.post(post, json=CHAT, headers=auth()).status_code for _ in range(3)]
@@ -193,7 +193,7 @@ def test_anonymous_calls_get_a_bucket_no_value_can_name(store: StoreView) -> Non
 
 
 def test_a_utf8_value_names_one_user_however_it_is_sent(store: StoreView) -> None:
-    limits = requests_per_user(10, "hour")
+    limits = requests_per_user(10, "total")
     with gateway(store, limits) as proxy:
         port = int(proxy.rsplit(":", 1)[1])
         body = json.dumps(CHAT).encode()

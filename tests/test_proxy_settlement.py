@@ -40,7 +40,7 @@ def rules(*limits: dict[str, Any]) -> list[Any]:
 
 ONE_AT_A_TIME = rules(
     {"type": "concurrent", "max": 1, "per": "user"},
-    {"type": "tokens", "max": 100_000, "window": "hour", "per": "user"},
+    {"type": "tokens", "max": 100_000, "window": "total", "per": "user"},
 )
 
 
@@ -243,7 +243,7 @@ def test_a_base_with_a_bad_port_is_a_400_and_takes_nothing(store: StoreView) -> 
 def test_an_unreachable_provider_gives_everything_back(store: StoreView) -> None:
     limits = rules(
         {"type": "concurrent", "max": 1, "per": "user"},
-        {"type": "requests", "max": 10, "window": "hour", "per": "user"},
+        {"type": "requests", "max": 10, "window": "total", "per": "user"},
     )
     with gateway(store, "http://127.0.0.1:9", limits) as proxy:
         client = sdk_client(proxy, "http://127.0.0.1:9")
@@ -271,7 +271,7 @@ def test_an_unreachable_provider_gives_everything_back(store: StoreView) -> None
     ],
 )
 def test_unbelievable_usage_is_never_credited(store: StoreView, usage: Any) -> None:
-    limits = rules({"type": "tokens", "max": 100, "window": "hour", "per": "user"})
+    limits = rules({"type": "tokens", "max": 100, "window": "total", "per": "user"})
     with raw_upstream() as upstream, gateway(store, upstream.url, limits) as proxy:
         good = http_response(chat_body({"prompt_tokens": 12, "completion_tokens": 7}))
         upstream.answers = [http_response(chat_body(usage)), good]
@@ -293,7 +293,7 @@ def test_unbelievable_usage_is_never_credited(store: StoreView, usage: Any) -> N
 
 
 def test_unbelievable_usage_in_a_stream_is_never_credited(store: StoreView) -> None:
-    limits = rules({"type": "tokens", "max": 1000, "window": "hour", "per": "user"})
+    limits = rules({"type": "tokens", "max": 1000, "window": "total", "per": "user"})
     base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
     events = [
         {**base, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]},
@@ -314,7 +314,7 @@ def test_unbelievable_usage_in_a_stream_is_never_credited(store: StoreView) -> N
 def test_concurrent_calls_never_take_a_tokens_limit_past_its_value(
     store: StoreView, proxies: int
 ) -> None:
-    limits = rules({"type": "tokens", "max": 100, "window": "hour", "per": "user"})
+    limits = rules({"type": "tokens", "max": 100, "window": "total", "per": "user"})
     with contextlib.ExitStack() as stack:
         upstream = stack.enter_context(FakeOpenAIServer())
         urls = [stack.enter_context(gateway(store, upstream.url, limits)) for _ in range(proxies)]
@@ -360,7 +360,7 @@ def test_200_streams_for_20_users_settle_exactly_whatever_the_clients_do(
 
     limits = rules(
         {"type": "concurrent", "max": 3, "per": "user"},
-        {"type": "tokens", "max": 40 * STREAM_USAGE, "window": "hour", "per": "user"},
+        {"type": "tokens", "max": 40 * STREAM_USAGE, "window": "total", "per": "user"},
     )
     chooser = random.Random(15)
     with (
@@ -540,8 +540,8 @@ def test_an_upstream_error_gives_the_request_back_only_when_it_was_not_served(
 ) -> None:
     limits = rules(
         {"type": "concurrent", "max": 1, "per": "user"},
-        {"type": "requests", "max": 10, "window": "hour", "per": "user"},
-        {"type": "tokens", "max": 1000, "window": "hour", "per": "user"},
+        {"type": "requests", "max": 10, "window": "total", "per": "user"},
+        {"type": "tokens", "max": 1000, "window": "total", "per": "user"},
     )
     with raw_upstream() as upstream, gateway(store, upstream.url, limits) as proxy:
         error = json.dumps({"error": {"message": "no", "type": "x"}}).encode()
@@ -592,7 +592,7 @@ def test_shutdown_answers_a_call_still_waiting_for_upstream(store: StoreView) ->
 def test_a_model_without_a_price_cannot_slip_past_a_cost_limit(store: StoreView) -> None:
     from tokenlay_otel._pricing import ModelRates, PriceBook
 
-    limits = rules({"type": "cost", "max": 1.0, "window": "day", "per": "user"})
+    limits = rules({"type": "cost", "max": 1.0, "window": "total", "per": "user"})
     with FakeOpenAIServer() as upstream:
         with gateway(store, upstream.url, limits) as proxy:
             client = sdk_client(proxy, upstream.url)
@@ -613,7 +613,7 @@ def test_a_model_without_a_price_cannot_slip_past_a_cost_limit(store: StoreView)
 
 
 def test_a_base_without_v1_and_a_path_with_two_is_metered_all_the_same(store: StoreView) -> None:
-    limits = rules({"type": "tokens", "max": 1000, "window": "hour", "per": "user"})
+    limits = rules({"type": "tokens", "max": 1000, "window": "total", "per": "user"})
     with FakeOpenAIServer() as upstream, gateway(store, upstream.url, limits) as proxy:
         r = httpx2.post(
             proxy + "/v1/v1/chat/completions",
@@ -655,7 +655,7 @@ def test_a_caller_who_hangs_up_keeps_its_slot_while_upstream_works(store: StoreV
 
 
 def test_an_answer_without_usage_yet_is_charged_all_it_may_write(store: StoreView) -> None:
-    limits = rules({"type": "tokens", "max": 100_000, "window": "hour", "per": "user"})
+    limits = rules({"type": "tokens", "max": 100_000, "window": "total", "per": "user"})
     queued = json.dumps(
         {
             "id": "resp_1",
