@@ -3,6 +3,7 @@ which bucket it lands in. Each test names the finding it reproduces."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -327,3 +328,62 @@ def test_an_idle_flood_does_not_lock_out_health_or_calls(store: StoreView) -> No
         finally:
             for s in idle:
                 s.close()
+
+
+def test_sigterm_settles_the_streams_in_flight(tmp_path: Any) -> None:
+    import signal
+    import threading
+
+    from .proxy_harness import proxy_subprocess
+
+    rules_file = tmp_path / "rules.json"
+    limits = [
+        {"type": "concurrent", "max": 5, "per": "user"},
+        {"type": "tokens", "max": 10**6, "window": "total", "per": "user"},
+    ]
+    rules_file.write_text(json.dumps([{"id": "r", "if": {}, "then": {"limits": limits}}]))
+    db = tmp_path / "usage.db"
+    view = StoreView("sqlite", db)
+    with FakeOpenAIServer() as upstream:
+        upstream.stream_delay = 0.5
+        args = (
+            "--rules",
+            str(rules_file),
+            "--db",
+            str(db),
+            "--allow-provider",
+            upstream.url,
+            "--graceful-shutdown",
+            "0.3",
+            "--shutdown-timeout",
+            "1",
+        )
+        with proxy_subprocess(*args) as (url, process):
+            seen: list[bytes] = []
+
+            def stream() -> None:
+                with (
+                    contextlib.suppress(httpx2.HTTPError),
+                    httpx2.stream(
+                        "POST",
+                        url + "/v1/chat/completions",
+                        json={**CHAT, "stream": True},
+                        headers=auth(upstream.url + "/v1", **{"x-tokenlay-user": "t"}),
+                        timeout=10,
+                    ) as r,
+                ):
+                    seen.extend(r.iter_raw())
+
+            callers = [threading.Thread(target=stream) for _ in range(3)]
+            for caller in callers:
+                caller.start()
+            assert wait_for(lambda: view.leases() == 3)
+            process.send_signal(signal.SIGTERM)
+            # uvicorn re-raises the signal once it has shut down.
+            assert process.wait(timeout=15) in (0, -signal.SIGTERM)
+            for caller in callers:
+                caller.join(10)
+            errors = process.stderr.read() if process.stderr else ""
+    assert view.leases() == 0
+    assert view.tokens(value="t") > 3 * 12  # each charged at least its input
+    assert "Traceback" not in errors
