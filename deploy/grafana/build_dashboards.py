@@ -272,6 +272,17 @@ def proxy() -> Board:
         instant=True,
     )
     b.panel(
+        "Calls settled, by how they ended and where their usage came from",
+        [
+            (
+                "sum by (tokenlay_proxy_exit, tokenlay_usage_source) "
+                f"(rate(tokenlay_proxy_settlements_total[{RATE}]))",
+                "{{tokenlay_proxy_exit}} / {{tokenlay_usage_source}}",
+            )
+        ],
+        unit="reqps",
+    )
+    b.panel(
         "Upstream latency p50 / p95",
         [
             (
