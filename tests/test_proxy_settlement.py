@@ -737,3 +737,27 @@ def test_nothing_after_the_end_of_a_stream_is_relayed(store: StoreView) -> None:
     assert b"free text" not in relayed
     assert relayed.endswith(b"data: [DONE]\r\r")
     assert store.tokens() == 13 and store.estimated() == 0
+
+
+def test_a_client_that_stops_reading_is_cut_after_the_send_timeout(store: StoreView) -> None:
+    import socket
+
+    words = ["x" * 20_000] * 500  # 10 MB of text
+    with (
+        FakeOpenAIServer(stream_words=words) as upstream,
+        gateway(store, upstream.url, ONE_AT_A_TIME, send_timeout_s=0.3) as proxy,
+    ):
+        port = int(proxy.rsplit(":", 1)[1])
+        body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True})
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers(upstream.url).items())
+        request = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{head}"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n{body}"
+        )
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.sendall(request.encode())
+            assert wait_for(lambda: store.leases() == 1)
+            # It reads nothing more: the proxy gives up on it and settles.
+            assert wait_for(lambda: store.leases() == 0 and store.tokens() > 0, timeout=10)
+    assert store.estimated() == store.tokens()

@@ -112,6 +112,8 @@ class Call(Responder):
         self.usage: Usage | None = None
         self.text_bytes = 0
         self.tap: StreamTap | None = None
+        self.charged_cost: float | None = None
+        self._span_ended = False
         self._deadline: asyncio.Timeout | None = None
         self._draining = False
         self._settlement: asyncio.Future[None] | None = None
@@ -130,16 +132,24 @@ class Call(Responder):
 
     async def run(self) -> None:
         self.gw.calls.add(self)
-        watcher = asyncio.get_running_loop().create_task(self._watch())
+        # A whole JSON answer is read to the end whatever the client does (its usage is
+        # the provider's bill); streams and pass-through answers stop or drain when the
+        # client leaves, so only they need to hear of it.
+        data = self.incoming.data
+        streamed = data is None or data.get("stream") is True
+        watcher = asyncio.get_running_loop().create_task(self._watch()) if streamed else None
         try:
             await self._run()
         except Exception:
             _log.exception("the proxy failed on a call")
             self.span.set_status(Status(StatusCode.ERROR, "internal error"))
             if not self.response_started:
+                if self.decision is not None and not self.decision.blocked:
+                    await self._settle()
                 await self._send_error(500, "the proxy failed on this call", "proxy_error")
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             if self._draining:
                 self.gw.drains -= 1
             try:
@@ -147,7 +157,7 @@ class Call(Responder):
                     await self._settle()
             finally:
                 self.gw.calls.discard(self)
-                self.span.end()
+                self._last_piece()
 
     async def _run(self) -> None:
         decide = asyncio.ensure_future(
@@ -180,6 +190,7 @@ class Call(Responder):
             if not self.asked:
                 self.refund = True
             if not self.response_started and not self.gone:
+                await self._settle()
                 message = "the proxy is shutting down; try again"
                 await self._send_error(503, message, "proxy_shutting_down", {"retry-after": "1"})
         finally:
@@ -210,6 +221,18 @@ class Call(Responder):
             self._reschedule(now + config.drain_timeout_s)
         else:
             self._reschedule(now)
+
+    def _last_piece(self) -> None:
+        # The span ends before the answer's last bytes go out, as the settlement does:
+        # a caller who has read its answer finds both done.
+        if not self._span_ended:
+            self._span_ended = True
+            self.span.end()
+
+    def _send_stalled(self) -> None:
+        # Nothing to drain past a client that takes nothing: end the call where it is.
+        self.gone = True
+        self._reschedule(0)
 
     def stop(self) -> None:
         """Shutdown: end the call where it is; it settles on what it has read."""
@@ -316,7 +339,7 @@ class Call(Responder):
         self.exit = "done"
         await self._settle()
         if usage is not None:
-            headers.update(usage_headers(usage, self.price(usage, self.model), self.started))
+            headers.update(usage_headers(usage, self.charged_cost, self.started))
         await self._send_whole(status, payload, content_type, headers)
 
     async def _read_whole(
@@ -392,6 +415,7 @@ class Call(Responder):
         except Exception:
             _log.error("could not work out a call's charge; its reservation stands", exc_info=True)
             tokens, cost, source, input_tokens = None, None, "reserved", 0
+        self.charged_cost = cost
         decision = self.decision
         try:
             if decision is not None:

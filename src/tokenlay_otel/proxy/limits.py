@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import itertools
+import os
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -123,7 +124,22 @@ class Decision:
         return [hold.key for _, hold in self.held if hold.lease]
 
 
-def _counters(rule: Rule, context: Mapping[str, Any], now: float, lease_s: float) -> list[_Counter]:
+class _Windows:
+    """:func:`window_bounds`, computed again only when a window turns over."""
+
+    def __init__(self) -> None:
+        self._current: dict[str, tuple[str, float | None]] = {}
+
+    def bounds(self, window: str, now: float) -> tuple[str, float | None]:
+        found = self._current.get(window)
+        if found is None or (found[1] is not None and now >= found[1]):
+            found = self._current[window] = window_bounds(window, now)
+        return found
+
+
+def _counters(
+    rule: Rule, context: Mapping[str, Any], now: float, lease_s: float, windows: _Windows
+) -> list[_Counter]:
     out = []
     for limit in rule.limits:
         field_name = limit.tracking_key or limit.per
@@ -133,7 +149,7 @@ def _counters(rule: Rule, context: Mapping[str, Any], now: float, lease_s: float
         if limit.type == "concurrent":
             label, resets, ttl = "now", None, int(lease_s) + LEASE_GRACE_S
         else:
-            label, resets = window_bounds(limit.window, now)
+            label, resets = windows.bounds(limit.window, now)
             ttl = None if resets is None else int(resets - now) + LEASE_GRACE_S
         key = counter_key(limit.type, limit.window, field_name, value, label)
         out.append(_Counter(limit, key, subject, resets, ttl))
@@ -174,6 +190,9 @@ class Enforcer:
         self.store = store
         self.lease_s = lease_s
         self._usage_paths = usage_paths(self.rules)
+        self._windows = _Windows()
+        # Unique across the proxies sharing a store: a random prefix, then a count.
+        self._lease_ids = (f"{os.urandom(8).hex()}-{n}" for n in itertools.count())
 
     async def _usage_context(self, context: Mapping[str, Any], now: float) -> dict[str, float]:
         """``usage.<type>`` (today, this user) and ``usage.<type>_<window>`` if asked for."""
@@ -183,7 +202,7 @@ class Enforcer:
         for path in sorted(self._usage_paths):
             kind, _, window = path.removeprefix("usage.").partition("_")
             window = window or "day"
-            label, _ = window_bounds(window, now)
+            label, _ = self._windows.bounds(window, now)
             keys.append(counter_key(kind, window, "user", context.get("user"), label))
             paths.append(path)
         values = await self.store.get_many(keys)
@@ -202,13 +221,13 @@ class Enforcer:
         if rule is None:
             return Decision(model=model)
         decision = Decision(
-            rule=rule, action=rule.action, model=model or rule.model, lease_id=uuid.uuid4().hex
+            rule=rule, action=rule.action, model=model or rule.model, lease_id=next(self._lease_ids)
         )
         if rule.action == "block":
             decision.http_status = 403
             decision.error_message = f"blocked by rule {rule.id!r}"
             return decision
-        counters = _counters(rule, context, now, self.lease_s)
+        counters = _counters(rule, context, now, self.lease_s, self._windows)
         reservation = estimate(decision.model)
         if reservation.cost is None and any(c.limit.type == "cost" for c in counters):
             # Unpriced, the call would count nothing against its cost limit.
@@ -256,7 +275,7 @@ class Enforcer:
             deadline = time.monotonic() + (policy.delay_seconds or 10)
             while time.monotonic() < deadline:
                 await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-                counters = _counters(rule, context, time.time(), self.lease_s)
+                counters = _counters(rule, context, time.time(), self.lease_s, self._windows)
                 decision.warnings.clear()
                 again = await self._take(decision, counters, estimate(decision.model), force=False)
                 if again is None:
@@ -275,7 +294,7 @@ class Enforcer:
             else:
                 decision.action = "warn"
                 decision.warnings.append(reason)
-            counters = _counters(rule, context, time.time(), self.lease_s)
+            counters = _counters(rule, context, time.time(), self.lease_s, self._windows)
             await self._take(decision, counters, estimate(decision.model), force=True)
             return
         decision.action = "block"
