@@ -341,7 +341,11 @@ def test_concurrent_calls_never_take_a_tokens_limit_past_its_value(
                 except openai.RateLimitError:
                     return 429
 
-            return await asyncio.gather(*(one(i) for i in range(50)))
+            try:
+                return await asyncio.gather(*(one(i) for i in range(50)))
+            finally:
+                for client in clients:
+                    await client.close()
 
         statuses = asyncio.run(main())
     admitted = statuses.count(200)

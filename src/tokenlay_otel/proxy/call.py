@@ -370,6 +370,7 @@ class Call(Responder):
                     if final:
                         self.exit = "client_gone" if self.gone else "done"
                         await self._settle()
+                        self._last_piece()  # a client may hang up once it has this event
                     await self._body(data)
                 if tap is not None and tap.ended:
                     break  # nothing after the last event is relayed, or metered
