@@ -29,10 +29,15 @@ def http_response(
     return head.encode() + body
 
 
-def sse_response(events: list[Any], *, done: bool = True) -> bytes:
-    body = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events)
-    if done:
-        body += b"data: [DONE]\n\n"
+def sse_response(
+    events: list[Any], *, done: bool = True, end: bytes = b"\n\n", after: list[Any] = ()
+) -> bytes:
+    """An SSE answer: ``events``, ``[DONE]``, then ``after`` (what no server should send)."""
+
+    def lines(items: list[Any]) -> bytes:
+        return b"".join(b"data: " + json.dumps(e, ensure_ascii=False).encode() + end for e in items)
+
+    body = lines(events) + (b"data: [DONE]" + end if done else b"") + lines(list(after))
     head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
     return head + body  # no length: the body ends when the connection closes
 

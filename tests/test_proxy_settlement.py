@@ -68,6 +68,17 @@ def headers(upstream_url: str, user: str | None = "u1") -> dict[str, str]:
     return out
 
 
+def read_raw_stream(proxy: str, upstream_url: str) -> bytes:
+    """A stream read to its end by a bare HTTP client, as relayed."""
+    with httpx2.stream(
+        "POST",
+        proxy + "/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
+        headers=headers(upstream_url),
+    ) as r:
+        return r.read()
+
+
 def plain_client(proxy: str, upstream_url: str, user: str = "u1") -> openai.OpenAI:
     """The stock openai client, pointed at the proxy by hand."""
     extra = {k: v for k, v in headers(upstream_url, user).items() if k != "authorization"}
@@ -445,13 +456,8 @@ def test_streams_read_by_a_raw_client_settle_before_their_end(store: StoreView) 
     and the settlement cancelled with it."""
     with FakeOpenAIServer() as upstream, gateway(store, upstream.url, ONE_AT_A_TIME) as proxy:
         for _ in range(5):
-            with httpx2.stream(
-                "POST",
-                proxy + "/v1/chat/completions",
-                json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
-                headers=headers(upstream.url),
-            ) as r:
-                lines = [line for line in r.iter_lines() if line.startswith("data:")]
+            raw = read_raw_stream(proxy, upstream.url).decode()
+            lines = [line for line in raw.splitlines() if line.startswith("data:")]
             assert lines[-1] == "data: [DONE]"
             assert all(json.loads(line[5:]).get("usage") is None for line in lines[:-1])
         assert store.leases() == 0
@@ -525,12 +531,8 @@ def test_a_line_separator_in_the_text_does_not_lose_the_usage(store: StoreView) 
         {**base, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}]},
         {**base, "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}},
     ]
-    body = b"".join(
-        b"data: " + json.dumps(e, ensure_ascii=False).encode() + b"\n\n" for e in events
-    )
-    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
     with raw_upstream() as upstream, gateway(store, upstream.url, ONE_AT_A_TIME) as proxy:
-        upstream.answers = [head + body + b"data: [DONE]\n\n"]
+        upstream.answers = [sse_response(events)]
         client = sdk_client(proxy, upstream.url)
         stream = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
@@ -725,19 +727,10 @@ def test_nothing_after_the_end_of_a_stream_is_relayed(store: StoreView) -> None:
     first = {**base, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}
     usage = {**base, "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 1}}
     late = {**base, "choices": [{"index": 0, "delta": {"content": "free text"}}]}
-    # CR-only line endings are SSE too.
-    body = b"".join(b"data: " + json.dumps(e).encode() + b"\r\r" for e in (first, usage))
-    body += b"data: [DONE]\r\r" + b"data: " + json.dumps(late).encode() + b"\r\r"
-    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
     with raw_upstream() as upstream, gateway(store, upstream.url, ONE_AT_A_TIME) as proxy:
-        upstream.answers = [head + body]
-        with httpx2.stream(
-            "POST",
-            proxy + "/v1/chat/completions",
-            json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
-            headers=headers(upstream.url),
-        ) as r:
-            relayed = r.read()
+        # CR-only line endings are SSE too.
+        upstream.answers = [sse_response([first, usage], end=b"\r\r", after=[late])]
+        relayed = read_raw_stream(proxy, upstream.url)
     assert b"free text" not in relayed
     assert relayed.endswith(b"data: [DONE]\r\r")
     assert store.tokens() == 13 and store.estimated() == 0

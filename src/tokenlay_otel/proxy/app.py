@@ -149,7 +149,6 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self._heartbeat = asyncio.create_task(self._renew_leases())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.shutdown()
@@ -187,7 +186,7 @@ class Gateway:
             span.set_attribute("http.response.status_code", refusal.status)
             span.end()
             return
-        if self._heartbeat is None:  # served without a lifespan (mounted in another app)
+        if self._heartbeat is None:  # on the first call: a lifespan may not be served at all
             self._heartbeat = asyncio.get_running_loop().create_task(self._renew_leases())
         call = Call(self, incoming, span, receive, send, started)
         # The call settles whatever happens to this request's task: the shield keeps the

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -103,7 +104,6 @@ class Call(Responder):
         self.requested = model if isinstance(model, str) else None
         self.model = self.requested
         metered = incoming.endpoint is not None
-        self.input_estimate = input_tokens(data) if metered else 0
         default = gateway.config.default_output_tokens
         self.output_cap = output_cap(data, incoming.endpoint, default) if metered else 0
         # What is known of the usage when the call settles.
@@ -117,6 +117,13 @@ class Call(Responder):
         self._deadline: asyncio.Timeout | None = None
         self._draining = False
         self._settlement: asyncio.Future[None] | None = None
+
+    @functools.cached_property
+    def input_estimate(self) -> int:
+        # Read only when a rule takes tokens or cost, or a call is charged an estimate:
+        # it walks the whole prompt.
+        data = self.incoming.data
+        return input_tokens(data) if data is not None and self.incoming.endpoint else 0
 
     def price(self, usage: Usage, model: str | None) -> float | None:
         models = (model, self.model, self.requested)
@@ -367,13 +374,12 @@ class Call(Responder):
         try:
             async for chunk in upstream.aiter_bytes():
                 for data, final in tap.feed(chunk) if tap is not None else ((chunk, False),):
-                    if final:
+                    if final:  # its last piece: nothing after it is relayed, or metered
                         self.exit = "client_gone" if self.gone else "done"
                         await self._settle()
-                        self._last_piece()  # a client may hang up once it has this event
+                        await self._body(data, more=False)
+                        return
                     await self._body(data)
-                if tap is not None and tap.ended:
-                    break  # nothing after the last event is relayed, or metered
         except httpx2.HTTPError as exc:
             self.exit = "upstream_cut"
             _log.info("the upstream stream was cut: %s", type(exc).__name__)
