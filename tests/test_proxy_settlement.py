@@ -758,3 +758,64 @@ def test_a_client_that_stops_reading_is_cut_after_the_send_timeout(store: StoreV
             # It reads nothing more: the proxy gives up on it and settles.
             assert wait_for(lambda: store.leases() == 0 and store.tokens() > 0, timeout=10)
     assert store.estimated() == store.tokens()
+
+
+# --- our own failures, at the two steps that hold something ------------------------------------
+
+
+def test_a_charge_that_fails_keeps_the_reservation_and_frees_the_slot(store: StoreView) -> None:
+    from tokenlay_otel._pricing import ModelRates, PriceBook
+
+    class FailsAfterTheEstimate(PriceBook):
+        calls = 0
+
+        def cost(self, *args: Any, **kwargs: Any) -> float | None:
+            self.calls += 1
+            if self.calls > 1:
+                raise RuntimeError("a bug in pricing")
+            return super().cost(*args, **kwargs)
+
+    limits = rules(
+        {"type": "concurrent", "max": 1, "per": "user"},
+        {"type": "cost", "max": 1.0, "window": "total", "per": "user"},
+    )
+    prices = FailsAfterTheEstimate({"gpt-4o-mini": ModelRates(input=1e-6, output=1e-6)})
+    with (
+        FakeOpenAIServer() as upstream,
+        gateway(store, upstream.url, limits, prices=prices) as proxy,
+    ):
+        client = sdk_client(proxy, upstream.url)
+        reply = client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, max_tokens=10
+        )
+        assert reply.choices  # the caller is not broken by our bug
+        assert store.leases() == 0
+    (cost,) = [v for k, v in store.counters().items() if k.startswith("cost:")]
+    assert cost == pytest.approx((17 + 10) * 1e-6)  # the reservation stands as the charge
+
+
+def test_a_store_that_fails_to_settle_still_lets_the_lease_expire(store: StoreView) -> None:
+    class SettleFails:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        async def settle(self, *args: Any) -> None:
+            raise ConnectionError("the store went away")
+
+    with FakeOpenAIServer() as upstream:
+        config = {"lease_s": 0.5, "allow_providers": (upstream.url,)}
+        with local_proxy(
+            rules=ONE_AT_A_TIME,
+            keys=(PROXY_KEY,),
+            mock_upstream=False,
+            store=SettleFails(store.make()),
+            **config,
+        ) as proxy:
+            client = sdk_client(proxy, upstream.url)
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            assert store.leases() == 1  # not given back...
+            assert wait_for(lambda: store.leases() == 0, timeout=5)  # ...but it expires
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
