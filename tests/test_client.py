@@ -174,8 +174,6 @@ def test_with_options_and_copy_keep_the_tokenlay_settings(server: FakeOpenAIServ
     client = make_client(server, metadata={"user": "u1"})
     for derived in (client.with_options(timeout=5), client.copy(max_retries=1)):
         assert isinstance(derived, TokenlayOpenAI)
-        # Built once: with_options() per request must not re-read env and prices file.
-        assert derived._tokenlay_telemetry is client._tokenlay_telemetry
         derived.models.list()
         assert server.requests[-1].headers["authorization"] == f"Bearer {TOKENLAY_KEY}"
         assert tokenlay_headers(server)["x-tokenlay-user"] == "u1"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import openai
@@ -9,6 +10,7 @@ import pytest
 from tokenlay_otel import TokenlayInstrumentor, metadata
 from tokenlay_otel._config import Settings
 from tokenlay_otel._metrics import DURATION_BUCKETS, TOKEN_BUCKETS
+from tokenlay_otel._pricing import load_price_overrides
 from tokenlay_otel.testing import FakeOpenAIServer, Reply, chat_completion
 
 from .conftest import PROVIDER_KEY, TOKENLAY_KEY, SpanCapture
@@ -264,16 +266,35 @@ def test_price_overrides_win(
         ("{not json", "Expecting property name"),
     ],
 )
-def test_malformed_prices_file_is_a_clear_error_at_instrument(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str, message: str
+def test_malformed_prices_file_is_one_error_line_and_tracing_goes_on(
+    server: FakeOpenAIServer,
+    telemetry: SpanCapture,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    content: str,
+    message: str,
 ) -> None:
     path = tmp_path / "prices.json"
     path.write_text(content)
     monkeypatch.setenv("TOKENLAY_PRICES_FILE", str(path))
     with pytest.raises(ValueError, match=message) as info:
-        TokenlayInstrumentor().instrument(settings=Settings.from_env())
+        load_price_overrides(str(path))  # what a drop-in setup step sees: a clear error
     assert str(path) in str(info.value)
-    TokenlayInstrumentor().uninstrument()
+    instrumentor = TokenlayInstrumentor()
+    instrumentor.instrument(
+        tracer_provider=telemetry.provider, meter_provider=telemetry.meter_provider
+    )
+    try:
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1, [r.getMessage() for r in errors]
+        assert re.search(message, errors[0].getMessage())
+        assert str(path) in errors[0].getMessage()
+        direct(server).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    finally:
+        instrumentor.uninstrument()
+    span = telemetry.only_span()
+    assert span.attributes["tokenlay.cost.source"] == "local"  # the built-in prices
 
 
 def test_metric_attribute_fields_are_configurable(

@@ -22,6 +22,9 @@ Configuration (arguments win over environment variables):
 ``TOKENLAY_BASE_URL``           Tokenlay proxy (default https://api.tokenlay.com)
 ``TOKENLAY_METADATA``           default attribution, ``user=u1,org=o1``
 ``TOKENLAY_ROUTE``              ``false`` stops routing instrumented clients
+``TOKENLAY_ROUTE_ENDPOINTS``    more to route than the metered endpoints (``images``, ``all``)
+``TOKENLAY_REQUIRE_ROUTE``      ``true``: a call that cannot be routed raises
+``TOKENLAY_ALLOW_HTTP_HOSTS``   hosts plain ``http://`` may reach besides loopback
 ==============================  ====================================================
 
 Attribution precedence, highest first: per-request ``extra_headers``, the innermost
@@ -37,6 +40,7 @@ from ._context import metadata
 from ._instrumentor import TokenlayInstrumentor
 from ._protocol import TokenlayResponseMetadata
 from ._responses import get_tokenlay_metadata
+from ._routing import TokenlayRouteError
 from ._version import __version__
 
 if _TYPE_CHECKING:
@@ -47,6 +51,7 @@ __all__ = [
     "TokenlayInstrumentor",
     "TokenlayOpenAI",
     "TokenlayResponseMetadata",
+    "TokenlayRouteError",
     "__version__",
     "configure",
     "get_tokenlay_metadata",

@@ -54,6 +54,8 @@ INPUT_MESSAGES = "gen_ai.input.messages"
 OUTPUT_MESSAGES = "gen_ai.output.messages"
 ROUTED = "tokenlay.routed"
 BYPASSED = "tokenlay.proxy.bypassed"
+#: The Tokenlay base URL a call failed to reach (set on connection errors only).
+PROXY_URL = "tokenlay.proxy.url"
 RULE_ID = "tokenlay.rule.id"
 RULE_ACTION = "tokenlay.rule.action"
 LIMIT_EXCEEDED = "tokenlay.limit_exceeded"

@@ -13,17 +13,15 @@ from typing import Any, cast
 
 import openai
 
-from ._config import Route, Settings, client_route
-from ._instrumentor import TokenlayInstrumentor
-from ._protocol import split_caller_headers, validate_metadata
+from ._config import ENV_ALLOW_HTTP_HOSTS, Route, client_route
+from ._protocol import check_url_security, split_caller_headers, validate_metadata
 from ._safety import redact_openai_debug_logs
-from ._telemetry import Telemetry
+from ._state import current_telemetry
 from ._wrappers import note_http_response, request_async, request_sync
 
 __all__ = ["AsyncTokenlayOpenAI", "TokenlayOpenAI"]
 
 _ROUTE_KWARG = "_tokenlay_route"
-_TELEMETRY_KWARG = "_tokenlay_telemetry"
 
 
 def _resolve(
@@ -60,7 +58,12 @@ def _resolve(
         if isinstance(api_key, str) and api_key != route.provider_key:
             changes["provider_key"] = api_key
         if base_url and str(base_url).rstrip("/") != route.provider_base:
-            changes["provider_base"] = str(base_url).rstrip("/")
+            changes["provider_base"] = check_url_security(
+                str(base_url),
+                what="base_url",
+                allow_http_hosts=route.allow_http_hosts,
+                allow_variable=ENV_ALLOW_HTTP_HOSTS,
+            )
         route = dataclasses.replace(route, **changes) if changes else route
     defaults = dict(kwargs.pop("default_headers", None) or {})
     defaults.update({k: str(v) for k, v in plain_headers.items()})
@@ -76,7 +79,6 @@ class _TokenlayClient:
     """Construction and ``copy()`` shared by the sync and async clients."""
 
     _tokenlay_route: Route
-    _tokenlay_telemetry: Telemetry
 
     def __init__(
         self,
@@ -100,23 +102,14 @@ class _TokenlayClient:
             fail_open=fail_open,
             kwargs=kwargs,
         )
-        # copy()/with_options() hand the parent's telemetry over: it is often called per
-        # request, and building telemetry reads the environment and the prices file.
-        telemetry: Telemetry | None = openai_kwargs.pop(_TELEMETRY_KWARG, None)
         cast(Any, super()).__init__(**openai_kwargs)
         self._tokenlay_route = route
         redact_openai_debug_logs()
-        self._tokenlay_telemetry = telemetry or Telemetry.create(
-            settings=Settings.from_env(routing=False)
-        )
+        current_telemetry()  # the process's one state: built by the first client, or instrument()
 
     def copy(self, **kwargs: Any) -> Any:
         """Like ``openai``'s ``copy()``/``with_options()``, keeping the Tokenlay settings."""
-        extra = {
-            **kwargs.pop("_extra_kwargs", {}),
-            _ROUTE_KWARG: self._tokenlay_route,
-            _TELEMETRY_KWARG: self._tokenlay_telemetry,
-        }
+        extra = {**kwargs.pop("_extra_kwargs", {}), _ROUTE_KWARG: self._tokenlay_route}
         return cast(Any, super()).copy(_extra_kwargs=extra, **kwargs)
 
     with_options = copy
@@ -152,7 +145,7 @@ class TokenlayOpenAI(_TokenlayClient, openai.OpenAI):  # type: ignore[misc]  # c
             args,
             kwargs,
             route=self._tokenlay_route,
-            telemetry=TokenlayInstrumentor.active_telemetry or self._tokenlay_telemetry,
+            telemetry=current_telemetry(),
         )
 
     def _process_response(self, **kwargs: Any) -> Any:  # type: ignore[override]  # pass-through
@@ -173,7 +166,7 @@ class AsyncTokenlayOpenAI(_TokenlayClient, openai.AsyncOpenAI):  # type: ignore[
             args,
             kwargs,
             route=self._tokenlay_route,
-            telemetry=TokenlayInstrumentor.active_telemetry or self._tokenlay_telemetry,
+            telemetry=current_telemetry(),
         )
 
     async def _process_response(self, **kwargs: Any) -> Any:  # type: ignore[override]

@@ -6,15 +6,18 @@ Explicit arguments beat environment variables. Keys are kept out of every ``repr
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ._protocol import check_url_security, normalize_field_name, parse_metadata_env
+from ._routing import DEFAULT_SCOPE, RouteScope, parse_scope
 
 __all__ = [
     "DEFAULT_PROVIDER_API_BASE",
     "DEFAULT_TOKENLAY_BASE_URL",
+    "ENV_ALLOW_HTTP_HOSTS",
     "ENV_CAPTURE_CONTENT",
     "ENV_FAIL_OPEN",
     "ENV_METRIC_ATTRIBUTES",
@@ -22,6 +25,8 @@ __all__ = [
     "ENV_PRICES_FILE",
     "ENV_PROVIDER_API_BASE",
     "ENV_PROVIDER_API_KEY",
+    "ENV_REQUIRE_ROUTE",
+    "ENV_ROUTE_ENDPOINTS",
     "ENV_TOKENLAY_BASE_URL",
     "ENV_TOKENLAY_KEY",
     "ENV_TOKENLAY_METADATA",
@@ -29,6 +34,7 @@ __all__ = [
     "Route",
     "Settings",
     "client_route",
+    "parse_bool",
 ]
 
 #: Provider API key (OpenAI, Mistral, ...) used by the drop-in clients.
@@ -54,15 +60,62 @@ ENV_PRICES_FILE = "TOKENLAY_PRICES_FILE"
 #: ``true``: when the proxy cannot be reached (connection error, timeout), send the call
 #: straight to the provider and mark it ``tokenlay.proxy.bypassed``. Default off.
 ENV_FAIL_OPEN = "TOKENLAY_FAIL_OPEN"
+#: ``true``: a call that should go through Tokenlay but cannot (no key, a refused URL,
+#: an Azure client...) fails with ``TokenlayRouteError`` instead of going direct.
+ENV_REQUIRE_ROUTE = "TOKENLAY_REQUIRE_ROUTE"
+#: What is routed: ``metered`` (default: chat, completions, embeddings, responses, the
+#: model list), ``all``, or API path prefixes (``images,audio/speech``), comma-separated.
+ENV_ROUTE_ENDPOINTS = "TOKENLAY_ROUTE_ENDPOINTS"
+#: Host names plain ``http://`` may reach besides loopback (a compose network's proxy,
+#: a private model server), comma-separated.
+ENV_ALLOW_HTTP_HOSTS = "TOKENLAY_ALLOW_HTTP_HOSTS"
 
 DEFAULT_TOKENLAY_BASE_URL = "https://api.tokenlay.com"
 DEFAULT_PROVIDER_API_BASE = "https://api.openai.com/v1"
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+_HOST = re.compile(r"[a-z0-9_.-]+|[0-9a-f:.]+")
 
 
 def _frozen(mapping: Mapping[str, str]) -> Mapping[str, str]:
     return MappingProxyType(dict(mapping))
+
+
+def parse_bool(variable: str, value: str | None, *, default: bool) -> bool:
+    """A boolean setting: ``true/false/1/0/yes/no/on/off`` (any case); unset or empty
+    is ``default``.
+
+    Raises:
+        ValueError: anything else, naming the variable and the accepted words.
+    """
+    if value is None or not value.strip():
+        return default
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(
+        f"{variable} must be one of true/false, 1/0, yes/no, on/off; got {value.strip()!r}"
+    )
+
+
+def _http_hosts(text: str, problems: list[str]) -> frozenset[str]:
+    hosts = set()
+    for entry in text.split(","):
+        host = entry.strip().lower().removeprefix("[").removesuffix("]")
+        if not host:
+            continue
+        if _HOST.fullmatch(host):
+            hosts.add(host)
+        else:
+            problems.append(
+                f"{ENV_ALLOW_HTTP_HOSTS}: {entry.strip()!r} is not a host name; list bare "
+                "names such as tokenlay-proxy,my-vllm.internal (no scheme, port or path)"
+            )
+    return frozenset(hosts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +135,12 @@ class Route:
     strict: bool = False
     #: Go straight to the provider when the proxy cannot be reached.
     fail_open: bool = False
-
-
-def _truthy(value: str | None, *, default: bool) -> bool:
-    if value is None or not value.strip():
-        return default
-    return value.strip().lower() not in ("0", "false", "no", "off")
+    #: Which requests are routed; the others go to the provider as they are.
+    endpoints: RouteScope = DEFAULT_SCOPE
+    #: Plain-http hosts allowed for the provider base besides loopback.
+    allow_http_hosts: frozenset[str] = frozenset()
+    #: A call in scope that cannot be routed fails instead of going direct.
+    required: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,63 +156,153 @@ class Settings:
     metric_value_limit: int = 1000
     prices_file: str | None = None
     fail_open: bool = False
+    require_route: bool = False
+    route_endpoints: RouteScope = DEFAULT_SCOPE
+    allow_http_hosts: frozenset[str] = frozenset()
+    #: Why calls cannot be routed although a key is set (a refused base URL).
+    route_refused: str | None = None
 
     @classmethod
     def from_env(
         cls, environ: Mapping[str, str] | None = None, *, routing: bool = True
     ) -> Settings:
-        """Read settings from ``environ`` (default ``os.environ``).
+        """Read settings from ``environ`` (default ``os.environ``), strictly.
+
+        Raises:
+            ValueError: a variable holds a value that cannot be used; the message names
+                every such variable and what to fix.
+        """
+        settings, problems = cls.read_env(environ, routing=routing)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return settings
+
+    @classmethod
+    def read_env(
+        cls, environ: Mapping[str, str] | None = None, *, routing: bool = True
+    ) -> tuple[Settings, tuple[str, ...]]:
+        """Read settings from ``environ``, keeping what is valid.
+
+        A bad value never turns a safety setting off: an unreadable ``TOKENLAY_ROUTE``
+        or ``TOKENLAY_REQUIRE_ROUTE`` counts as ``true``, an unreadable
+        ``TOKENLAY_FAIL_OPEN`` as ``false``; a bad entry of a list is left out.
 
         Args:
             environ: the variables to read.
             routing: read (and check) the routing variables; drop-in clients, which
                 take their route from their own arguments, pass ``False``.
 
-        Raises:
-            ValueError: a variable holds a value that cannot be used, naming it.
+        Returns:
+            The settings, and one message per variable that could not be used, naming
+            it and saying what to fix (never a key).
         """
         env = os.environ if environ is None else environ
+        problems: list[str] = []
+
+        def flag(variable: str, default: bool, unreadable: bool) -> bool:
+            try:
+                return parse_bool(variable, env.get(variable), default=default)
+            except ValueError as exc:
+                problems.append(f"{exc}; using {str(unreadable).lower()}")
+                return unreadable
+
         key = (env.get(ENV_TOKENLAY_KEY) or None) if routing else None
         base = env.get(ENV_TOKENLAY_BASE_URL) or DEFAULT_TOKENLAY_BASE_URL
+        allow_http = _http_hosts(env.get(ENV_ALLOW_HTTP_HOSTS, ""), problems)
+        refused = None
         if key:
-            base = check_url_security(base, what=ENV_TOKENLAY_BASE_URL)
-        capture = env.get(ENV_CAPTURE_CONTENT, "").strip().lower()
-        fields_text = env.get(ENV_METRIC_ATTRIBUTES)
-        metric_fields: tuple[str, ...] = ("user", "org")
-        if fields_text is not None:
             try:
-                metric_fields = tuple(
-                    normalize_field_name(f.strip()) for f in fields_text.split(",") if f.strip()
+                base = check_url_security(
+                    base,
+                    what=ENV_TOKENLAY_BASE_URL,
+                    allow_http_hosts=allow_http,
+                    allow_variable=ENV_ALLOW_HTTP_HOSTS,
                 )
             except ValueError as exc:
-                raise ValueError(f"{ENV_METRIC_ATTRIBUTES}: {exc}") from None
+                refused = str(exc)
+                problems.append(refused)
+        capture = env.get(ENV_CAPTURE_CONTENT, "").strip().lower()
+        metric_fields: tuple[str, ...] = ("user", "org")
+        fields_text = env.get(ENV_METRIC_ATTRIBUTES)
+        if fields_text is not None:
+            metric_fields = tuple(
+                _each(fields_text, normalize_field_name, ENV_METRIC_ATTRIBUTES, problems)
+            )
         limit_text = env.get(ENV_METRIC_USER_LIMIT, "").strip() or "1000"
         if not limit_text.isdigit():
-            raise ValueError(f"{ENV_METRIC_USER_LIMIT} must be a whole number, got {limit_text!r}")
-        return cls(
+            problems.append(
+                f"{ENV_METRIC_USER_LIMIT} must be a whole number, got {limit_text!r}; using 1000"
+            )
+            limit_text = "1000"
+        metadata: dict[str, str] = {}
+        for entry in env.get(ENV_TOKENLAY_METADATA, "").split(","):
+            try:
+                metadata.update(parse_metadata_env(entry, source=ENV_TOKENLAY_METADATA))
+            except ValueError as exc:
+                problems.append(f"{exc} (this entry is left out)")
+        scope = DEFAULT_SCOPE
+        for entry in env.get(ENV_ROUTE_ENDPOINTS, "").split(","):
+            try:
+                scope = (*scope, *parse_scope(entry, source=ENV_ROUTE_ENDPOINTS)[1:])
+            except ValueError as exc:
+                problems.append(f"{exc} (this entry is left out)")
+        require = flag(ENV_REQUIRE_ROUTE, False, True) if routing else False
+        fail_open = flag(ENV_FAIL_OPEN, False, False)
+        if require and fail_open:
+            problems.append(
+                f"{ENV_FAIL_OPEN}=true is ignored: {ENV_REQUIRE_ROUTE}=true forbids sending "
+                "a call past the proxy"
+            )
+            fail_open = False
+        settings = cls(
             tokenlay_key=key,
             tokenlay_base_url=base,
-            route=_truthy(env.get(ENV_TOKENLAY_ROUTE), default=True),
-            metadata=_frozen(
-                parse_metadata_env(env.get(ENV_TOKENLAY_METADATA, ""), source=ENV_TOKENLAY_METADATA)
-            ),
+            route=flag(ENV_TOKENLAY_ROUTE, True, True),
+            metadata=_frozen(metadata),
             capture_content=capture in ("true", "span_only", "span_and_event"),
             metric_fields=metric_fields,
             metric_value_limit=int(limit_text),
             prices_file=env.get(ENV_PRICES_FILE) or None,
-            fail_open=_truthy(env.get(ENV_FAIL_OPEN), default=False),
+            fail_open=fail_open,
+            require_route=require,
+            route_endpoints=tuple(dict.fromkeys(scope)),
+            allow_http_hosts=allow_http,
+            route_refused=refused,
         )
+        return settings, tuple(problems)
 
     def instrumented_route(self) -> Route | None:
         """The route for instrumented ``openai`` clients, or ``None`` when not routing."""
-        if not (self.route and self.tokenlay_key):
+        if not (self.route and self.tokenlay_key) or self.route_refused:
             return None
         return Route(
             tokenlay_key=self.tokenlay_key,
             tokenlay_base_url=self.tokenlay_base_url,
             metadata=self.metadata,
             fail_open=self.fail_open,
+            endpoints=self.route_endpoints,
+            allow_http_hosts=self.allow_http_hosts,
+            required=self.require_route,
         )
+
+    def why_not_routed(self) -> str | None:
+        """Why instrumented clients are not routed, or ``None`` when they are."""
+        if not self.route:
+            return f"{ENV_TOKENLAY_ROUTE} is false"
+        if not self.tokenlay_key:
+            return f"{ENV_TOKENLAY_KEY} is not set"
+        return self.route_refused
+
+
+def _each(text: str, parse: Callable[[str], str], variable: str, problems: list[str]) -> list[str]:
+    out = []
+    for entry in text.split(","):
+        if entry.strip():
+            try:
+                out.append(parse(entry.strip()))
+            except ValueError as exc:
+                problems.append(f"{variable}: {exc} (this entry is left out)")
+    return out
 
 
 def client_route(
@@ -178,8 +321,8 @@ def client_route(
     merged beneath it.
 
     Raises:
-        ValueError: a key is missing or a URL is unsafe; the message names the
-            argument and the environment variable to set, never a key.
+        ValueError: a key is missing, a URL is unsafe or a setting unreadable; the
+            message names the argument and the environment variable to set, never a key.
     """
     env = os.environ if environ is None else environ
     tl_key = tokenlay_key or env.get(ENV_TOKENLAY_KEY)
@@ -194,15 +337,26 @@ def client_route(
             "no provider API key: pass provider_api_key=... (or api_key=...) or set the "
             f"{ENV_PROVIDER_API_KEY} environment variable"
         )
+    problems: list[str] = []
+    allow_http = _http_hosts(env.get(ENV_ALLOW_HTTP_HOSTS, ""), problems)
+    if problems:
+        raise ValueError(problems[0])
     tl_base = check_url_security(
         tokenlay_base_url or env.get(ENV_TOKENLAY_BASE_URL) or DEFAULT_TOKENLAY_BASE_URL,
         what="tokenlay_base_url" if tokenlay_base_url else ENV_TOKENLAY_BASE_URL,
+        allow_http_hosts=allow_http,
+        allow_variable=ENV_ALLOW_HTTP_HOSTS,
     )
     provider_base = check_url_security(
         provider_api_base or env.get(ENV_PROVIDER_API_BASE) or DEFAULT_PROVIDER_API_BASE,
         what="provider_api_base" if provider_api_base else ENV_PROVIDER_API_BASE,
+        allow_http_hosts=allow_http,
+        allow_variable=ENV_ALLOW_HTTP_HOSTS,
     )
     defaults = parse_metadata_env(env.get(ENV_TOKENLAY_METADATA, ""), source=ENV_TOKENLAY_METADATA)
+    scope = parse_scope(env.get(ENV_ROUTE_ENDPOINTS, ""), source=ENV_ROUTE_ENDPOINTS)
+    if fail_open is None:
+        fail_open = parse_bool(ENV_FAIL_OPEN, env.get(ENV_FAIL_OPEN), default=False)
     return Route(
         tokenlay_key=tl_key,
         tokenlay_base_url=tl_base,
@@ -210,7 +364,7 @@ def client_route(
         provider_base=provider_base,
         metadata=_frozen({**defaults, **metadata}),
         strict=True,
-        fail_open=(
-            _truthy(env.get(ENV_FAIL_OPEN), default=False) if fail_open is None else fail_open
-        ),
+        fail_open=fail_open,
+        endpoints=scope,
+        allow_http_hosts=allow_http,
     )

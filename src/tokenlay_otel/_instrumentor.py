@@ -5,8 +5,10 @@ This module only builds the telemetry and wraps/unwraps; the work is in ``_wrapp
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Collection
-from typing import Any, ClassVar
+from typing import Any
 
 import openai
 from openai._base_client import AsyncAPIClient, SyncAPIClient
@@ -16,10 +18,17 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
-from ._config import Route, Settings
+from ._config import (
+    ENV_REQUIRE_ROUTE,
+    ENV_TOKENLAY_BASE_URL,
+    ENV_TOKENLAY_METADATA,
+    Route,
+    Settings,
+)
 from ._pricing import warm_up
-from ._safety import redact_openai_debug_logs
-from ._telemetry import Telemetry
+from ._routing import Unroutable, describe_scope
+from ._safety import log, redact_openai_debug_logs
+from ._state import build_telemetry, install_telemetry, uninstall_telemetry
 from ._wrappers import note_http_response, request_async, request_sync
 
 __all__ = ["TokenlayInstrumentor"]
@@ -28,10 +37,13 @@ _MODULE = "openai._base_client"
 _SUPPORTED = ("openai >= 1.40, < 4",)
 
 
+_AZURE = (openai.AzureOpenAI, openai.AsyncAzureOpenAI)
+
+
 def _route_for(instance: Any, route: Route | None) -> Route | None:
     # Azure clients put the deployment in the URL and use their own auth header; they
     # are traced but not re-addressed.
-    if isinstance(instance, openai.AzureOpenAI | openai.AsyncAzureOpenAI):
+    if isinstance(instance, _AZURE):
         return None
     return route
 
@@ -41,41 +53,101 @@ def _tap_response(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     return wrapped(*args, **kwargs)
 
 
+def _announce(settings: Settings, problems: tuple[str, ...]) -> Unroutable | None:
+    """Log each setting that cannot be used and where calls go; say what refuses them."""
+    for problem in problems:
+        log.error("tokenlay_otel: %s", problem)
+    why_not = settings.why_not_routed()
+    if why_not is None:
+        log.info(
+            "tokenlay_otel: instrumented openai; routing %s through %s, other endpoints go "
+            "to the provider directly%s",
+            describe_scope(settings.route_endpoints),
+            settings.tokenlay_base_url,
+            " (fail-open)" if settings.fail_open else "",
+        )
+        return None
+    if settings.require_route:
+        log.error(
+            "tokenlay_otel: instrumented openai, but calls cannot be routed through Tokenlay "
+            "(%s); %s=true makes them fail",
+            why_not,
+            ENV_REQUIRE_ROUTE,
+        )
+        return Unroutable(why_not, settings.route_endpoints)
+    # A key forgotten in production turns spend control off: say so louder when the
+    # rest of the Tokenlay setup says routing was meant.
+    meant = settings.tokenlay_key is None and settings.route and _routing_configured()
+    log.log(
+        logging.WARNING if meant else logging.INFO,
+        "tokenlay_otel: instrumented openai (tracing only); calls are not routed through "
+        "Tokenlay: %s",
+        why_not,
+    )
+    return None
+
+
+def _routing_configured() -> bool:
+    return any(os.environ.get(name) for name in (ENV_TOKENLAY_BASE_URL, ENV_TOKENLAY_METADATA))
+
+
 class TokenlayInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # untyped base
     """Route ``openai`` clients through Tokenlay (when ``TOKENLAY_KEY`` is set) and emit
     GenAI spans for every call.
 
     ``instrument(tracer_provider=..., settings=...)``: both optional; settings are read
-    from the environment once, here, when not given.
+    from the environment once, here, when not given. A setting that cannot be used is
+    one ERROR log line naming it; the rest is installed (tracing always, routing when
+    its settings are valid).
     """
-
-    #: The telemetry of the active instrumentation; drop-in clients record with it too,
-    #: so one process sends every span to the provider given to ``instrument()``.
-    active_telemetry: ClassVar[Telemetry | None] = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _SUPPORTED
 
     def _instrument(self, **kwargs: Any) -> None:
-        settings = kwargs.get("settings") or Settings.from_env()
-        telemetry = Telemetry.create(
-            settings=settings,
-            tracer_provider=kwargs.get("tracer_provider"),
-            meter_provider=kwargs.get("meter_provider"),
+        settings: Settings | None = kwargs.get("settings")
+        problems: tuple[str, ...] = ()
+        if settings is None:
+            settings, problems = Settings.read_env()
+        telemetry = build_telemetry(
+            settings, kwargs.get("tracer_provider"), kwargs.get("meter_provider")
         )
         warm_up()
         route = settings.instrumented_route()
+        unroutable = _announce(settings, problems)
+        azure = None
+        if settings.require_route and route is not None:
+            azure = Unroutable(
+                "Azure OpenAI clients are not routed through Tokenlay", settings.route_endpoints
+            )
         redact_openai_debug_logs()
-        TokenlayInstrumentor.active_telemetry = telemetry
+        install_telemetry(telemetry)
+
+        def refusal(instance: Any) -> Unroutable | None:
+            if azure is not None and isinstance(instance, _AZURE):
+                return azure
+            return unroutable
 
         def sync_request(wrapped: Any, instance: Any, args: Any, kw: Any) -> Any:
             return request_sync(
-                wrapped, instance, args, kw, route=_route_for(instance, route), telemetry=telemetry
+                wrapped,
+                instance,
+                args,
+                kw,
+                route=_route_for(instance, route),
+                telemetry=telemetry,
+                unroutable=refusal(instance),
             )
 
         async def async_request(wrapped: Any, instance: Any, args: Any, kw: Any) -> Any:
             return await request_async(
-                wrapped, instance, args, kw, route=_route_for(instance, route), telemetry=telemetry
+                wrapped,
+                instance,
+                args,
+                kw,
+                route=_route_for(instance, route),
+                telemetry=telemetry,
+                unroutable=refusal(instance),
             )
 
         wrap_function_wrapper(_MODULE, "SyncAPIClient.request", sync_request)
@@ -84,7 +156,7 @@ class TokenlayInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # untyped b
         wrap_function_wrapper(_MODULE, "AsyncAPIClient._process_response", _tap_response)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        TokenlayInstrumentor.active_telemetry = None
+        uninstall_telemetry()
         for cls in (SyncAPIClient, AsyncAPIClient):
             unwrap(cls, "request")
             unwrap(cls, "_process_response")

@@ -12,7 +12,7 @@ import logging
 import math
 import operator
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
@@ -297,27 +297,36 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def check_url_security(url: str, *, what: str) -> str:
+def check_url_security(
+    url: str, *, what: str, allow_http_hosts: Collection[str] = (), allow_variable: str = ""
+) -> str:
     """Refuse URLs over which keys would travel in clear text or that are not HTTP.
 
     Args:
         url: the URL to check.
         what: how to name it in the error (the argument or env var that set it).
+        allow_http_hosts: host names (lower case) plain ``http://`` may reach besides
+            loopback, e.g. a proxy inside a compose network or a private model server.
+        allow_variable: the setting that lists them, named in the error.
 
     Returns:
         The URL without trailing slashes.
 
     Raises:
-        ValueError: not http(s), or plain http to a host that is not loopback.
+        ValueError: not http(s), or plain http to a host that is neither loopback nor
+            allowed; the message says how to allow it.
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{what} must be an http:// or https:// URL, got {url!r}")
-    if scheme == "http" and not _is_loopback(parts.hostname):
+    host = parts.hostname.lower()
+    if scheme == "http" and not _is_loopback(host) and host not in allow_http_hosts:
+        how = f", or name the host in {allow_variable}={host}" if allow_variable else ""
         raise ValueError(
-            f"{what} is plain http:// to {parts.hostname!r}; keys would travel in clear text. "
-            "Use https://, or http:// only to a loopback address (127.0.0.1, ::1, localhost)"
+            f"{what} is plain http:// to {host!r}; keys would travel in clear text. "
+            "Use https://, http:// to a loopback address (127.0.0.1, ::1, localhost)"
+            f"{how} if the network to it is trusted"
         )
     return url.rstrip("/")
 

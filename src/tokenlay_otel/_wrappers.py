@@ -7,18 +7,21 @@ through. They differ only by ``await``; everything else is in :class:`_Call`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 from openai import APIConnectionError, Omit
 
-from ._attributes import PROVIDER, Endpoint, endpoint_for
-from ._config import Route
+from ._attributes import PROVIDER, PROXY_URL, Endpoint, endpoint_for
+from ._config import ENV_ALLOW_HTTP_HOSTS, Route
 from ._context import current_metadata
 from ._protocol import (
     HEADER_PREFIX,
     build_request_headers,
+    check_url_security,
     parse_response_headers,
     proxy_url,
     sanitize_metadata,
@@ -26,6 +29,7 @@ from ._protocol import (
     validate_metadata,
 )
 from ._responses import remember
+from ._routing import TokenlayRouteError, Unroutable, routes
 from ._safety import internal_error, log
 from ._streams import wrap_result
 from ._telemetry import LLMCall, Telemetry
@@ -43,13 +47,15 @@ _warned: set[str] = set()
 class _Request:
     """State of one ``request`` call, visible to the ``_process_response`` tap."""
 
-    __slots__ = ("fallback", "hide_usage", "http_response", "llm", "streaming")
+    __slots__ = ("fallback", "hide_usage", "http_response", "llm", "proxy", "streaming")
 
     def __init__(self, llm: LLMCall | None, *, streaming: bool, hide_usage: bool) -> None:
         self.llm = llm
         self.streaming = streaming
         self.hide_usage = hide_usage
         self.http_response: Any = None
+        #: The Tokenlay base URL the call was sent to, when routed.
+        self.proxy: str | None = None
         #: The caller's own (args, kwargs), when fail-open may send the call direct.
         self.fallback: tuple[tuple[Any, ...], dict[str, Any]] | None = None
 
@@ -62,8 +68,9 @@ class _Request:
         if self.fallback is None or not isinstance(exc, APIConnectionError):
             return None
         log.warning(
-            "tokenlay_otel: the Tokenlay proxy could not be reached (%s); fail-open sends "
-            "this call straight to the provider",
+            "tokenlay_otel: the Tokenlay proxy at %s could not be reached (%s); fail-open "
+            "sends this call straight to the provider",
+            _shown(self.proxy),
             type(exc).__name__,
         )
         self.hide_usage = False  # the caller's options go as they were
@@ -80,6 +87,20 @@ class _Request:
                 internal_error("detaching the span context")
 
     def failed(self, exc: BaseException) -> None:
+        if self.proxy is not None and isinstance(exc, APIConnectionError):
+            # openai says only "Connection error.": name the proxy as what was not reached.
+            shown = _shown(self.proxy)
+            log.warning(
+                "tokenlay_otel: the Tokenlay proxy at %s could not be reached (%s); the call "
+                "failed. Check TOKENLAY_BASE_URL and that the proxy is up",
+                shown,
+                type(exc.__cause__ or exc).__name__,
+            )
+            if self.llm is not None and self.llm.span is not None:
+                try:
+                    self.llm.span.set_attribute(PROXY_URL, shown)
+                except Exception:
+                    internal_error("naming the proxy on the span")
         if self.llm is not None:
             self.llm.fail(exc)
 
@@ -99,6 +120,19 @@ class _Request:
         if self.llm is not None:  # our failure: end the span, return the call's result as is
             self.llm.end()
         return result
+
+
+def _shown(url: str | None) -> str:
+    """A URL as it may be logged: without any user or password in it."""
+    parts = urlsplit(url or "")
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, bool]:
@@ -173,9 +207,18 @@ def _routed_headers(
             lowered_ours.get(lowered) != name
         ):
             headers[name] = Omit()
-    headers.update(caller_rest)
+    for name, value in caller_rest.items():
+        # The caller's own spelling of a header we set (authorization, the provider
+        # key or base) is replaced by ours, never sent beside it.
+        if not (isinstance(name, str) and _ours(name, lowered_ours)):
+            headers[name] = value
     headers.update(ours)
     return headers
+
+
+def _ours(name: str, lowered_ours: Mapping[str, str]) -> bool:
+    lowered = name.lower()
+    return lowered in lowered_ours or lowered.startswith(HEADER_PREFIX)
 
 
 def _metadata_for(
@@ -219,13 +262,21 @@ def _start(
     caller_rest: Mapping[str, object],
 ) -> tuple[Any, _Request]:
     client_base, client_fields = _client_facts(client)
-    metadata = _metadata_for(client_fields, route, per_request)
     url = options.url
-    routed = route is not None and isinstance(url, str) and not url.startswith(_ABSOLUTE)
+    provider_base = (route.provider_base if route else None) or client_base
+    routed = False
+    if route is not None and isinstance(url, str) and routes(route.endpoints, options.method, url):
+        refusal = _refusal(route, url, provider_base)
+        if refusal is None:
+            routed = True
+        elif route.required:
+            Unroutable(refusal, route.endpoints).refuse(options.method, url)
+    else:
+        route = None  # out of scope: sent as the caller made it, with nothing of ours
+    metadata = _metadata_for(client_fields, route, per_request)
     json_data = options.json_data
     body: Mapping[str, Any] = json_data if isinstance(json_data, Mapping) else {}
     endpoint = endpoint_for(options.method, url) if telemetry and isinstance(url, str) else None
-    provider_base = (route.provider_base if route else None) or client_base
 
     llm = _start_span(telemetry, endpoint, body, metadata, provider_base, routed=routed)
     provider = llm.provider[PROVIDER] if llm else ""
@@ -249,12 +300,45 @@ def _start(
                     internal_error("propagating the trace context")
             update["url"] = proxy_url(route.tokenlay_base_url, url)
             update["headers"] = headers
+            request.proxy = route.tokenlay_base_url
         return (options.model_copy(update=update) if update else options), request
     except BaseException:
         request.detach()
         if llm is not None:
             llm.end()
         raise
+
+
+def _refusal(route: Route, url: str, provider_base: str) -> str | None:
+    """Why this call cannot be routed (logged once per reason), or ``None``."""
+    reason: str | None
+    if url.startswith(_ABSOLUTE):
+        reason = "a request with an absolute URL is not routed through Tokenlay"
+    elif route.provider_base is not None:
+        return None  # a drop-in client: its provider base was checked when it was built
+    else:
+        reason = _provider_base_refusal(provider_base, route.allow_http_hosts)
+        if reason is None:
+            return None
+    if reason not in _warned:
+        _warned.add(reason)
+        log.error("tokenlay_otel: %s; such calls go to the provider directly", reason)
+    return reason
+
+
+@functools.lru_cache(maxsize=64)
+def _provider_base_refusal(base: str, allow_http_hosts: frozenset[str]) -> str | None:
+    """The one ``http://`` rule, applied to an instrumented client's base URL."""
+    try:
+        check_url_security(
+            base,
+            what=f"the openai client's base URL {base!r}",
+            allow_http_hosts=allow_http_hosts,
+            allow_variable=ENV_ALLOW_HTTP_HOSTS,
+        )
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _start_span(
@@ -294,8 +378,11 @@ def _begin(
     telemetry: Telemetry | None,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    unroutable: Unroutable | None,
 ) -> tuple[tuple[Any, ...], dict[str, Any], _Request | None]:
     options, in_kwargs = _bind(args, kwargs)
+    if unroutable is not None:
+        unroutable.refuse(options.method, options.url)
     split: tuple[dict[str, object], dict[str, object]] | None = None
     try:
         caller_headers = options.headers if isinstance(options.headers, Mapping) else {}
@@ -314,9 +401,15 @@ def _begin(
             if route is not None and route.fail_open and new_options is not options:
                 request.fallback = (args, kwargs)
             return (*_rebind(args, kwargs, new_options, in_kwargs), request)
+        except TokenlayRouteError:
+            raise
         except Exception:
             internal_error("routing the call")
     if route is not None:
+        if route.required:
+            Unroutable("the call could not be routed (an internal error, logged at debug)").refuse(
+                options.method, None
+            )
         log.warning("tokenlay_otel: could not route a call through Tokenlay; sent it unrouted")
     return args, kwargs, None  # our own failure: the call goes ahead as the caller made it
 
@@ -329,11 +422,16 @@ def request_sync(
     *,
     route: Route | None,
     telemetry: Telemetry | None,
+    unroutable: Unroutable | None = None,
 ) -> Any:
-    """Run ``client.request`` through Tokenlay routing and telemetry."""
+    """Run ``client.request`` through Tokenlay routing and telemetry.
+
+    ``unroutable``: routing is required and impossible for this client; calls in its
+    scope raise :class:`TokenlayRouteError` before anything is sent.
+    """
     if _ACTIVE.get() is not None:  # already handled by an outer layer (drop-in client)
         return wrapped(*args, **kwargs)
-    args, kwargs, request = _begin(client, route, telemetry, args, kwargs)
+    args, kwargs, request = _begin(client, route, telemetry, args, kwargs, unroutable)
     if request is None:
         return wrapped(*args, **kwargs)
     token = _ACTIVE.set(request)
@@ -362,11 +460,12 @@ async def request_async(
     *,
     route: Route | None,
     telemetry: Telemetry | None,
+    unroutable: Unroutable | None = None,
 ) -> Any:
     """Async twin of :func:`request_sync`; differs only by ``await``."""
     if _ACTIVE.get() is not None:
         return await wrapped(*args, **kwargs)
-    args, kwargs, request = _begin(client, route, telemetry, args, kwargs)
+    args, kwargs, request = _begin(client, route, telemetry, args, kwargs, unroutable)
     if request is None:
         return await wrapped(*args, **kwargs)
     token = _ACTIVE.set(request)
