@@ -366,6 +366,8 @@ def test_flags_become_proxy_config_and_server_limits() -> None:
         "1024",
         "--body-timeout",
         "2.5",
+        "--max-upload-bytes",
+        "4096",
         "--upstream-timeout",
         "9",
         "--lease-seconds",
@@ -395,6 +397,7 @@ def test_flags_become_proxy_config_and_server_limits() -> None:
         "allow_providers": ("https://api.openai.com", "*.example.com"),
         "max_body_bytes": 1024,
         "body_timeout_s": 2.5,
+        "max_upload_bytes": 4096,
         "upstream_timeout_s": 9.0,
         "lease_s": 7.0,
         "drain_timeout_s": 0.0,
@@ -460,7 +463,7 @@ def test_help_shows_every_flag_with_its_default() -> None:
     ).stdout
     proxy = build_parser()._subparsers._group_actions[0].choices["proxy"]  # type: ignore[union-attr]
     flags = [a for a in proxy._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) == 23
+    assert len(flags) == 24
     text = " ".join(help_text.split())
     for action in flags:
         assert action.help is not None

@@ -292,3 +292,63 @@ def test_drop_in_client_sends_unmetered_endpoints_to_the_provider(provider: Echo
         ("GET", "/v1/models", True),
         ("POST", "/v1/chat/completions", True),
     ]
+
+
+def _wholesale(provider: EchoProvider, proxy: str) -> TokenlayOpenAI:
+    return TokenlayOpenAI(
+        provider_api_key=PROVIDER_KEY,
+        provider_api_base=provider.url + "/v1",
+        tokenlay_key=DEFAULT_LOCAL_KEY,
+        tokenlay_base_url=proxy,
+        max_retries=0,
+    )
+
+
+def test_a_routed_upload_is_streamed_through_the_proxy_not_buffered(
+    provider: EchoProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOKENLAY_ROUTE_ENDPOINTS", "all")
+    content = bytes(range(256)) * (12 * 1024)  # 3 MiB, over the metered-body cap below
+    limits = {"max_body_bytes": 1024 * 1024, "max_upload_bytes": 4 * 1024 * 1024}
+    with local_proxy(mock_upstream=False, allow_providers=(provider.url,), **limits) as proxy:
+        client = _wholesale(provider, proxy)
+        provider.seen.clear()
+        uploaded = client.files.create(file=("big.bin", content), purpose="batch")
+        assert provider.seen == [("POST", "/v1/files", True)]
+        # The provider got every byte, sized (it reads by content-length, not chunks).
+        direct = _client(provider).files.create(file=("big.bin", content), purpose="batch")
+        assert uploaded.model_dump()["echo"] == direct.model_dump()["echo"]
+
+        with pytest.raises(openai.APIStatusError) as info:
+            client.files.create(file=("huge.bin", content * 2), purpose="batch")
+        assert info.value.status_code == 413
+        assert provider.seen[-1] == ("POST", "/v1/files", False)  # the direct one above
+
+
+def test_a_client_that_leaves_mid_upload_ends_the_call_as_upload_stopped(
+    provider: EchoProvider, telemetry: SpanCapture
+) -> None:
+    import socket
+    import time
+
+    config = {"tracer_provider": telemetry.provider, "meter_provider": telemetry.meter_provider}
+    with local_proxy(mock_upstream=False, allow_providers=(provider.url,), **config) as proxy:
+        port = int(proxy.rsplit(":", 1)[1])
+        head = (
+            "POST /v1/files HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+            f"authorization: Bearer {DEFAULT_LOCAL_KEY}\r\n"
+            f"x-tokenlay-provider-key: {PROVIDER_KEY}\r\n"
+            f"x-tokenlay-provider-base: {provider.url}/v1\r\n"
+            "content-type: application/octet-stream\r\ncontent-length: 1000000\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head.encode() + b"x" * 100_000)
+            time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        exits: list[object] = []
+        while time.monotonic() < deadline and "upload_stopped" not in exits:
+            time.sleep(0.05)
+            exits = [s.attributes.get("tokenlay.proxy.exit") for s in telemetry.spans()]
+    assert [e for e in exits if e is not None] == ["upload_stopped"]  # the server span
+    (_, points) = telemetry.metrics()["tokenlay.proxy.settlements"]
+    assert [p.attributes["tokenlay.proxy.exit"] for p in points] == ["upload_stopped"]

@@ -65,8 +65,12 @@ class ProxyConfig:
     upstream_timeout_s: float = 600.0
     #: Provider bases allowed besides the public providers (``--allow-provider``).
     allow_providers: tuple[str, ...] = ()
+    #: The largest body of a metered call (read whole: its JSON is checked and metered).
     max_body_bytes: int = 32 * 1024 * 1024
+    #: Time to receive a metered call's body; for a streamed upload, the longest pause.
     body_timeout_s: float = 30.0
+    #: The largest body of any other call (a file, audio...), streamed upstream as it comes.
+    max_upload_bytes: int = 512 * 1024 * 1024
     #: A concurrency slot's lease; renewed every third of it while the call runs.
     lease_s: float = 60.0
     #: How long, and how many at once, streams the client left are read on for usage.
@@ -238,11 +242,16 @@ class Gateway:
             metadata = metadata_from_wire(scope["headers"])
         except ValueError as exc:
             raise _Refused(400, f"metadata header {exc}", "invalid_metadata") from None
-        body = await self._body(receive, headers)
         endpoint = metered_endpoint(method, base, suffix)
+        body: bytes | None = None  # a pass-through POST body is streamed by the call
+        if endpoint is not None or method != "POST":
+            body = await self._body(receive, headers)
+        elif _declared(headers) > self.config.max_upload_bytes:
+            limit = self.config.max_upload_bytes
+            raise _Refused(413, f"the request body is larger than {limit} bytes", "body_too_large")
         data: dict[str, Any] | None = None
         if endpoint is not None:
-            data = _json_object(body)
+            data = _json_object(body or b"")
             model = data.get("model")
             if isinstance(model, str) and len(model) > _MAX_MODEL:
                 raise _Refused(400, f"the model name is longer than {_MAX_MODEL} characters")
@@ -259,15 +268,12 @@ class Gateway:
             provider_base=None if self.config.mock_upstream else base,
             base=base,
             content_type=headers.get(b"content-type", b"").decode("latin-1"),
-            forwarded={
-                k.decode(): v.decode("latin-1") for k, v in headers.items() if k in _FORWARDED
-            },
+            forwarded=_forwarded(headers, streamed=body is None),
         )
 
     async def _body(self, receive: ASGIReceive, headers: dict[bytes, bytes]) -> bytes:
         limit = self.config.max_body_bytes
-        declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > limit:
+        if _declared(headers) > limit:
             raise _Refused(413, f"the request body is larger than {limit} bytes", "body_too_large")
         chunks: list[bytes] = []
         size = 0
@@ -340,6 +346,22 @@ def metered_endpoint(method: str, base: str, suffix: str) -> str | None:
         if path.endswith("/" + endpoint):
             return endpoint
     return None
+
+
+def _forwarded(headers: dict[bytes, bytes], *, streamed: bool) -> dict[str, str]:
+    out = {k.decode(): v.decode("latin-1") for k, v in headers.items() if k in _FORWARDED}
+    declared = _declared(headers)
+    if streamed and declared:
+        # The server framed the body by it, so it is exact; upstream then gets a sized
+        # upload rather than a chunked one, which some providers refuse.
+        out["content-length"] = str(declared)
+    return out
+
+
+def _declared(headers: dict[bytes, bytes]) -> int:
+    """The body size the client announced (0 when it did not)."""
+    declared = headers.get(b"content-length", b"")
+    return int(declared) if declared.isdigit() and len(declared) < 19 else 0
 
 
 def _check_header_values(raw: list[tuple[bytes, bytes]]) -> None:

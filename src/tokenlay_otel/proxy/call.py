@@ -14,6 +14,8 @@ shutdown               as upstream_cut, once the drains are stopped
 upstream_error         nothing (providers do not bill errors); a server error or a
                        429 also gives the request back, so a retry is not counted twice
 upstream_unreachable   nothing; the request is given back
+upload_stopped         nothing; the request is given back (a streamed upload the
+                       client abandoned, paused too long or made too large)
 error (our own bug)    as upstream_cut when upstream was asked, else nothing
 =====================  ===========================================================
 
@@ -32,6 +34,7 @@ import functools
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import httpx2
@@ -57,7 +60,7 @@ from .upstream import StreamTap, body_usage, with_stream_usage
 if TYPE_CHECKING:
     from .app import Gateway
 
-__all__ = ["Call"]
+__all__ = ["Call", "UploadStopped"]
 
 _log = logging.getLogger("tokenlay_otel.proxy")
 #: A JSON answer larger than this is not read whole (the call is charged its estimate).
@@ -117,6 +120,7 @@ class Call(Responder):
         self._deadline: asyncio.Timeout | None = None
         self._draining = False
         self._settlement: asyncio.Future[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     @functools.cached_property
     def input_estimate(self) -> int:
@@ -144,7 +148,9 @@ class Call(Responder):
         # client leaves, so only they need to hear of it.
         data = self.incoming.data
         streamed = data is None or data.get("stream") is True
-        watcher = asyncio.get_running_loop().create_task(self._watch()) if streamed else None
+        # A streamed upload is read from the same channel: watch once it is all sent.
+        if streamed and self.incoming.body is not None:
+            self._watch_client()
         try:
             await self._run()
         except Exception:
@@ -155,8 +161,8 @@ class Call(Responder):
                     await self._settle()
                 await self._send_error(500, "the proxy failed on this call", "proxy_error")
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            if self._watcher is not None:
+                self._watcher.cancel()
             if self._draining:
                 self.gw.drains -= 1
             try:
@@ -202,6 +208,10 @@ class Call(Responder):
                 await self._send_error(503, message, "proxy_shutting_down", {"retry-after": "1"})
         finally:
             self._deadline = None
+
+    def _watch_client(self) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
         """Notice the client leaving (the ASGI server says so through ``receive``)."""
@@ -253,9 +263,33 @@ class Call(Responder):
 
     # --- upstream --------------------------------------------------------------------
 
+    async def _upload(self) -> AsyncIterator[bytes]:
+        """A pass-through body, streamed upstream as the client sends it (bounded)."""
+        config, size = self.gw.config, 0
+        while True:
+            try:
+                async with asyncio.timeout(config.body_timeout_s):
+                    message = await self.receive()
+            except TimeoutError:
+                raise UploadStopped(408, "the request body paused too long") from None
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                raise UploadStopped(499, "the client left during its upload")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > config.max_upload_bytes:
+                limit = config.max_upload_bytes
+                raise UploadStopped(413, f"the request body is larger than {limit} bytes")
+            if chunk:
+                yield chunk
+            if not message.get("more_body"):
+                return
+
     async def _forward(self, decision: Decision, headers: dict[str, str]) -> None:
         incoming, client = self.incoming, self.gw.client
-        content = incoming.body
+        content: bytes | AsyncIterator[bytes] | None = incoming.body
+        if content is None:
+            content = self._upload()
         injected = False
         if incoming.data is not None:
             data = incoming.data
@@ -282,11 +316,15 @@ class Call(Responder):
         sent = time.perf_counter()
         try:
             upstream = await client.send(request, stream=True)
-        except httpx2.HTTPError as exc:
+        except (httpx2.HTTPError, UploadStopped) as exc:
             upstream_span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             upstream_span.end()
-            await self._unreachable(exc, headers)
+            if isinstance(exc, UploadStopped):
+                await self._upload_stopped(exc, headers)
+            else:
+                await self._unreachable(exc, headers)
             return
+        self._watch_client()  # the body is all sent: the channel is free to watch
         upstream_span.set_attribute("http.response.status_code", upstream.status_code)
         upstream_span.end()
         status = upstream.status_code
@@ -297,6 +335,14 @@ class Call(Responder):
             await self._respond(upstream, headers, injected)
         finally:
             await upstream.aclose()
+
+    async def _upload_stopped(self, stop: UploadStopped, headers: dict[str, str]) -> None:
+        self.exit, self.asked, self.refund = "upload_stopped", False, True
+        await self._settle()
+        _log.info("an upload stopped: %s", stop.message)
+        if not self.gone:
+            code = "body_too_large" if stop.status == 413 else None
+            await self._send_error(stop.status, stop.message, code, headers)
 
     async def _unreachable(self, exc: httpx2.HTTPError, headers: dict[str, str]) -> None:
         host = self.incoming.base.split("/")[2]
@@ -480,6 +526,14 @@ class Call(Responder):
         await self._send_error(
             decision.http_status, message, decision.error_code, extra, kind="tokenlay_limit"
         )
+
+
+class UploadStopped(Exception):
+    """A streamed upload ended before its last byte: what to answer, if anyone listens."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
 
 
 def _json_or_none(payload: bytes) -> Any:

@@ -43,7 +43,7 @@ class Incoming:
     suffix: str  # the path after /v1
     query: str
     endpoint: str | None  # a metered endpoint (chat/completions, ...) or None
-    body: bytes
+    body: bytes | None  # None: a pass-through POST whose body is streamed upstream
     data: dict[str, Any] | None  # the JSON body of a metered endpoint
     metadata: dict[str, str]
     provider_key: str

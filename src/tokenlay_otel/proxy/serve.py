@@ -162,14 +162,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=32 * 1024 * 1024,
         metavar="BYTES",
-        help="largest request body accepted (default: %(default)s)",
+        help="largest body of a metered call, read whole (default: %(default)s)",
     )
     gateway.add_argument(
         "--body-timeout",
         type=_positive_float,
         default=30.0,
         metavar="SECONDS",
-        help="time to receive a request body (default: %(default)s)",
+        help="time to receive a metered call's body; the longest pause in an upload "
+        "(default: %(default)s)",
+    )
+    gateway.add_argument(
+        "--max-upload-bytes",
+        type=_positive_int,
+        default=512 * 1024 * 1024,
+        metavar="BYTES",
+        help="largest body of any other call (files, audio), streamed upstream "
+        "(default: %(default)s)",
     )
     gateway.add_argument(
         "--upstream-timeout",
@@ -236,6 +245,7 @@ def gateway_options(
         "mock_upstream": args.mock_upstream,
         "max_body_bytes": args.max_body_bytes,
         "body_timeout_s": args.body_timeout,
+        "max_upload_bytes": args.max_upload_bytes,
         "upstream_timeout_s": args.upstream_timeout,
         "lease_s": args.lease_seconds,
         "drain_timeout_s": args.drain_timeout,
