@@ -36,35 +36,60 @@ def test_entry_point_is_registered() -> None:
     assert TokenlayInstrumentor().instrumentation_dependencies() == ("openai >= 1.40, < 4",)
 
 
+def _run(script: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    command = Path(sys.executable).parent / "opentelemetry-instrument"
+    return subprocess.run(
+        [str(command), "--traces_exporter", "console", "--metrics_exporter", "none",
+         "--logs_exporter", "none", sys.executable, str(script)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+
+
+def test_a_bad_setting_under_opentelemetry_instrument_is_loud_and_partial(
+    server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    """A malformed TOKENLAY_METADATA used to fail instrument() and leave calls neither
+    routed nor traced, with the app exiting 0."""
+    script = tmp_path / "app.py"
+    script.write_text(SCRIPT.format(key=PROVIDER_KEY))
+    prices = tmp_path / "prices.json"
+    prices.write_text("{not json")
+    result = _run(
+        script,
+        TOKENLAY_KEY=TOKENLAY_KEY,
+        TOKENLAY_BASE_URL=server.url,
+        TOKENLAY_METADATA="user,plan=pro",
+        TOKENLAY_PRICES_FILE=str(prices),
+        TOKENLAY_FAIL_OPEN="disabled",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Instrumenting of tokenlay failed" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "tokenlay_otel:" in line]
+    assert len(errors) == 3, result.stderr  # one line per bad setting, on stderr by default
+    for name in ("TOKENLAY_METADATA", str(prices), "TOKENLAY_FAIL_OPEN"):
+        assert any(name in line for line in errors), (name, errors)
+    (sent,) = server.requests  # routed...
+    assert sent.headers["authorization"] == f"Bearer {TOKENLAY_KEY}"
+    assert sent.headers["x-tokenlay-plan"] == "pro"
+    text = result.stdout[result.stdout.index("{") :]
+    span = json.loads(text[: text.rindex("}") + 1])  # ...and traced
+    assert span["attributes"]["tokenlay.routed"] is True
+
+
 def test_opentelemetry_instrument_routes_and_traces(
     server: FakeOpenAIServer, tmp_path: Path
 ) -> None:
     script = tmp_path / "app.py"
     script.write_text(SCRIPT.format(key=PROVIDER_KEY))
-    env = {
-        **os.environ,
-        "TOKENLAY_KEY": TOKENLAY_KEY,
-        "TOKENLAY_BASE_URL": server.url,
-        "OTEL_SERVICE_NAME": "auto-test",
-    }
-    command = Path(sys.executable).parent / "opentelemetry-instrument"
-    result = subprocess.run(
-        [
-            str(command),
-            "--traces_exporter",
-            "console",
-            "--metrics_exporter",
-            "none",
-            "--logs_exporter",
-            "none",
-            sys.executable,
-            str(script),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    result = _run(
+        script,
+        TOKENLAY_KEY=TOKENLAY_KEY,
+        TOKENLAY_BASE_URL=server.url,
+        OTEL_SERVICE_NAME="auto-test",
     )
     assert result.returncode == 0, result.stderr
     assert "REPLY: Hello from the fake server." in result.stdout
