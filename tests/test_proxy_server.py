@@ -382,6 +382,8 @@ def test_flags_become_proxy_config_and_server_limits() -> None:
         "5",
         "--shutdown-timeout",
         "1",
+        "--limit-metrics-top",
+        "7",
         "--header-timeout",
         "1.5",
         "--max-connections",
@@ -405,6 +407,7 @@ def test_flags_become_proxy_config_and_server_limits() -> None:
         "default_output_tokens": 100,
         "send_timeout_s": 5.0,
         "shutdown_timeout_s": 1.0,
+        "limit_metrics_top": 7,
     }
     assert server_limits(args) == ServerLimits(
         header_timeout_s=1.5, max_connections=99, keep_alive_s=2, graceful_shutdown_s=4
@@ -463,7 +466,7 @@ def test_help_shows_every_flag_with_its_default() -> None:
     ).stdout
     proxy = build_parser()._subparsers._group_actions[0].choices["proxy"]  # type: ignore[union-attr]
     flags = [a for a in proxy._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) == 24
+    assert len(flags) == 25
     text = " ".join(help_text.split())
     for action in flags:
         assert action.help is not None

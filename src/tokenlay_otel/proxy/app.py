@@ -30,6 +30,7 @@ from tokenlay_otel._protocol import PROVIDER_BASE_HEADER, PROVIDER_KEY_HEADER, m
 from .call import Call
 from .connect import upstream_transport
 from .http import ASGIReceive, ASGISend, Incoming, error_body, send_json
+from .limit_metrics import DEFAULT_TOP, LimitGauges
 from .limits import Enforcer
 from .mock import mock_transport
 from .providers import AllowList, ProviderError
@@ -82,6 +83,8 @@ class ProxyConfig:
     send_timeout_s: float = 30.0
     #: How long shutdown waits for calls in flight before settling them as they are.
     shutdown_timeout_s: float = 10.0
+    #: Keys per limit on the limit metrics (the most used first).
+    limit_metrics_top: int = DEFAULT_TOP
 
 
 class _Refused(Exception):
@@ -112,6 +115,9 @@ class Gateway:
             "tokenlay.proxy.settlements",
             unit="{request}",
             description="Admitted calls settled, by how they ended and where their usage came from",
+        )
+        self.limit_gauges = LimitGauges(
+            meter, config.rules, config.store, top=config.limit_metrics_top
         )
         self.upstream_duration = meter.create_histogram(
             "tokenlay.proxy.upstream.duration",
@@ -153,6 +159,7 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self.limit_gauges.loop = asyncio.get_running_loop()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.shutdown()
@@ -192,6 +199,7 @@ class Gateway:
             return
         if self._heartbeat is None:  # on the first call: a lifespan may not be served at all
             self._heartbeat = asyncio.get_running_loop().create_task(self._renew_leases())
+            self.limit_gauges.loop = asyncio.get_running_loop()
         call = Call(self, incoming, span, receive, send, started)
         # The call settles whatever happens to this request's task: the shield keeps the
         # server's cancellation out.

@@ -224,6 +224,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="after the graceful wait, time for calls in flight to settle (default: %(default)s)",
     )
     gateway.add_argument(
+        "--limit-metrics-top",
+        type=_positive_int,
+        default=100,
+        metavar="N",
+        help="keys per limit on the limit usage metrics, the most used first "
+        "(default: %(default)s)",
+    )
+    gateway.add_argument(
         "--default-output-tokens",
         type=_positive_int,
         default=256,
@@ -253,6 +261,7 @@ def gateway_options(
         "default_output_tokens": args.default_output_tokens,
         "send_timeout_s": args.send_timeout,
         "shutdown_timeout_s": args.shutdown_timeout,
+        "limit_metrics_top": args.limit_metrics_top,
     }
     if args.prices_file:
         from tokenlay_otel._pricing import PriceBook, load_price_overrides

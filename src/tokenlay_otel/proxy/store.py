@@ -78,6 +78,13 @@ class UsageStore(abc.ABC):
         """Add the adjustments (a counter never goes below 0) and end these leases."""
 
     @abc.abstractmethod
+    async def largest(
+        self, prefix: str, suffix: str, *, lease: bool, count: int
+    ) -> list[tuple[str, float]]:
+        """The ``count`` largest live counters (or lease keys, by live leases) whose key
+        starts with ``prefix`` and ends with ``suffix``, largest first."""
+
+    @abc.abstractmethod
     async def renew(self, leases: Sequence[tuple[str, str]], lease_s: float) -> None:
         """Give live ``(key, lease_id)`` leases another ``lease_s`` from now."""
 
@@ -209,6 +216,36 @@ class SQLiteStore(UsageStore):
             "UPDATE leases SET expires_at = ? WHERE key = ? AND id = ?",
             [(now + lease_s, key, lease_id) for key, lease_id in leases],
         )
+
+    def _largest(
+        self, prefix: str, suffix: str, lease: bool, count: int
+    ) -> list[tuple[str, float]]:
+        db, now = self._conn(), time.time()
+        # A range on the primary key: the index finds the prefix, not a scan of all keys.
+        bounds = (prefix, prefix + "\U0010ffff", len(suffix), suffix)
+        if lease:
+            rows = db.execute(
+                "SELECT key, COUNT(*) AS n FROM leases WHERE key >= ? AND key < ? "
+                "AND substr(key, -?) = ? AND expires_at > ? GROUP BY key "
+                "ORDER BY n DESC, key LIMIT ?",
+                (*bounds, now, count),
+            ).fetchall()
+        else:
+            rows = db.execute(
+                "SELECT key, value FROM usage WHERE key >= ? AND key < ? "
+                "AND substr(key, -?) = ? AND (expires_at IS NULL OR expires_at > ?) "
+                "ORDER BY value DESC, key LIMIT ?",
+                (*bounds, now, count),
+            ).fetchall()
+        return [(str(key), float(value)) for key, value in rows]
+
+    async def largest(
+        self, prefix: str, suffix: str, *, lease: bool, count: int
+    ) -> list[tuple[str, float]]:
+        result: list[tuple[str, float]] = await self._run(
+            self._largest, prefix, suffix, lease, count
+        )
+        return result
 
     def _get_many(self, keys: Sequence[str]) -> list[float]:
         db, now = self._conn(), time.time()
@@ -354,6 +391,32 @@ class RedisStore(UsageStore):
         keys = [self._prefix + key for key, _, _ in adjustments]
         await self._settle(keys=keys + [self._prefix + k for k in leases], args=args)
 
+    async def largest(
+        self, prefix: str, suffix: str, *, lease: bool, count: int
+    ) -> list[tuple[str, float]]:
+        # SCAN walks the keyspace in steps (it never blocks Redis the way KEYS does);
+        # run at metric collection, not per call.
+        pattern = _glob_escape(self._prefix + prefix) + "*" + _glob_escape(suffix)
+        keys = [k async for k in self._redis.scan_iter(match=pattern, count=1000)]
+        if not keys:
+            return []
+        if lease:
+            now = await self._redis.time()
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.zcount(key, f"({now[0] + now[1] / 1e6}", "+inf")
+                values = await pipe.execute()
+        else:
+            values = await self._redis.mget(keys)
+        skip = len(self._prefix)
+        found = [
+            (key.decode()[skip:], float(value))
+            for key, value in zip(keys, values, strict=True)
+            if value is not None and float(value) > 0
+        ]
+        found.sort(key=lambda item: (-item[1], item[0]))
+        return found[:count]
+
     async def renew(self, leases: Sequence[tuple[str, str]], lease_s: float) -> None:
         if leases:
             keys = [self._prefix + key for key, _ in leases]
@@ -361,6 +424,10 @@ class RedisStore(UsageStore):
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def open_store(*, redis_url: str | None, sqlite_path: str | Path) -> UsageStore:
