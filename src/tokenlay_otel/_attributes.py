@@ -271,9 +271,12 @@ class Usage(NamedTuple):
 
 def _int(value: Any) -> int | None:
     """A token count as reported: an int from 0 to MAX_REPORTED_TOKENS, else ``None``."""
-    if type(value) is int or (isinstance(value, int) and not isinstance(value, bool)):
-        return value if 0 <= value <= MAX_REPORTED_TOKENS else None
-    return None
+    # The common case (an int) first, without isinstance.
+    if type(value) is not int and (
+        value is None or isinstance(value, bool) or not isinstance(value, int)
+    ):
+        return None
+    return value if 0 <= value <= MAX_REPORTED_TOKENS else None
 
 
 _USAGE_FIELDS = (

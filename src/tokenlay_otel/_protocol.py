@@ -376,7 +376,8 @@ def _ignore(header: str) -> None:
     _log.debug("ignoring malformed %s response header", header)
 
 
-def _parse_int(header: str, value: str, most: int) -> int | None:
+def _parse_int(header: str, value: str, most: int = MAX_REPORTED_TOKENS) -> int | None:
+    """A whole number from 0 to ``most`` (a token count by default), else ``None``."""
     # Callers bound the length first, so int() and float() see at most _MAX_SHORT
     # characters (Python refuses int() of a 4,300-digit string with ValueError).
     if value.isdecimal():  # what the proxy sends
@@ -395,10 +396,6 @@ def _parse_int(header: str, value: str, most: int) -> int | None:
         _ignore(header)
         return None
     return int(parsed)
-
-
-def _parse_tokens(header: str, value: str) -> int | None:
-    return _parse_int(header, value, MAX_REPORTED_TOKENS)
 
 
 def _parse_duration(header: str, value: str) -> int | None:
@@ -468,9 +465,9 @@ _FIELDS: dict[str, tuple[str, Callable[[str, str], Any], int]] = {
         ("rule-action", "rule_action", _parse_action, _MAX_SHORT),
         ("limit-exceeded", "limit_exceeded", _parse_bool, _MAX_SHORT),
         ("cost", "cost", _parse_cost, _MAX_SHORT),
-        ("tokens-used", "tokens_used", _parse_tokens, _MAX_SHORT),
-        ("input-tokens", "input_tokens", _parse_tokens, _MAX_SHORT),
-        ("output-tokens", "output_tokens", _parse_tokens, _MAX_SHORT),
+        ("tokens-used", "tokens_used", _parse_int, _MAX_SHORT),
+        ("input-tokens", "input_tokens", _parse_int, _MAX_SHORT),
+        ("output-tokens", "output_tokens", _parse_int, _MAX_SHORT),
         ("duration", "duration_ms", _parse_duration, _MAX_SHORT),
         ("warnings", "warnings", _parse_warnings, _MAX_WARNINGS_TEXT),
         ("model", "model", _parse_text, _MAX_TEXT),
