@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import string
 
 import pytest
@@ -256,3 +257,60 @@ def test_proxy_url() -> None:
 def test_printable_ascii_is_all_safe() -> None:
     text = "".join(c for c in string.printable if c not in "\t\n\r\x0b\x0c%")
     assert encode_value(text.strip()) == text.strip()
+
+
+def test_response_numbers_are_bounded_at_their_limits() -> None:
+    from tokenlay_otel._protocol import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS
+
+    most = str(MAX_REPORTED_TOKENS)
+    assert parse_response_headers(
+        {
+            "x-tokenlay-tokens-used": most,
+            "x-tokenlay-input-tokens": f"{MAX_REPORTED_TOKENS:.1e}",  # a float that is whole
+            "x-tokenlay-output-tokens": str(MAX_REPORTED_TOKENS + 1),
+            "x-tokenlay-cost": repr(MAX_REPORTED_COST_USD),
+            "x-tokenlay-duration": "9" * 12,
+        }
+    ) == TokenlayResponseMetadata(
+        tokens_used=MAX_REPORTED_TOKENS,
+        input_tokens=MAX_REPORTED_TOKENS,
+        cost=MAX_REPORTED_COST_USD,
+        duration_ms=10**12 - 1,
+    )
+    assert parse_response_headers(
+        {
+            "x-tokenlay-cost": repr(MAX_REPORTED_COST_USD * 1.000001),
+            "x-tokenlay-duration": "9" * 13,
+            "x-tokenlay-tokens-used": "0" * 31 + "7",  # 32 characters: still read
+            "x-tokenlay-input-tokens": "0" * 32 + "7",  # 33: too long to read
+        }
+    ) == TokenlayResponseMetadata(tokens_used=7)
+
+
+def test_response_texts_are_bounded_in_length() -> None:
+    assert parse_response_headers(
+        {"x-tokenlay-rule-id": "r" * 1024, "x-tokenlay-model": "m" * 1025}
+    ) == TokenlayResponseMetadata(rule_id="r" * 1024)
+    padded = " " * 40 + "true"
+    assert (
+        parse_response_headers(
+            {"x-tokenlay-limit-exceeded": padded, "x-tokenlay-rule-action": padded}
+        )
+        == TokenlayResponseMetadata()
+    )
+
+
+def test_warnings_are_bounded_in_size_count_and_depth() -> None:
+    def warnings(value: str) -> tuple[str, ...] | None:
+        meta = parse_response_headers({"x-tokenlay-warnings": value})
+        return None if meta is None else meta.warnings
+
+    many = [f"w{i}" for i in range(40)]
+    assert warnings(json.dumps(many)) == tuple(many[:32])
+    assert warnings(json.dumps(["a" * 1025, "b", "c" * 1024])) == ("b", "c" * 1024)
+    quoting = ["[50%] of budget {org}"] * 10  # brackets inside the texts: 21 in all
+    assert warnings(json.dumps(quoting)) == tuple(quoting)
+    assert warnings(json.dumps(["[" * 32])) is None  # 33 brackets
+    assert warnings("[" * 5000 + "]" * 5000) is None
+    assert warnings(json.dumps(["x" * 1000] * 9)) is None  # 9,036 characters
+    assert warnings("[]") == ()

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from ._protocol import TokenlayResponseMetadata
+from ._protocol import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS, TokenlayResponseMetadata
 
 __all__ = [
     "Endpoint",
@@ -272,11 +272,13 @@ class Usage(NamedTuple):
 
 
 def _int(value: Any) -> int | None:
-    if type(value) is int:
-        return value
-    if value is None:
+    """A token count as reported: an int from 0 to MAX_REPORTED_TOKENS, else ``None``."""
+    # The common case (an int) first, without isinstance.
+    if type(value) is not int and (
+        value is None or isinstance(value, bool) or not isinstance(value, int)
+    ):
         return None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if 0 <= value <= MAX_REPORTED_TOKENS else None
 
 
 _USAGE_FIELDS = (
@@ -293,7 +295,11 @@ _USAGE_FIELDS = (
 
 
 def usage_of(usage: Any) -> Usage | None:
-    """Normalise chat/completions (``prompt_tokens``) and responses (``input_tokens``)."""
+    """Normalise chat/completions (``prompt_tokens``) and responses (``input_tokens``).
+
+    Each count and the cost is taken on its own: one that is negative, not finite, a
+    bool or past ``MAX_REPORTED_TOKENS``/``MAX_REPORTED_COST_USD`` is left out.
+    """
     if usage is None:
         return None
     fields = fields_of(usage, _USAGE_FIELDS)
@@ -311,7 +317,10 @@ def usage_of(usage: Any) -> Usage | None:
         output_tokens,
         _int(_get(in_details, "cached_tokens")) if in_details else None,
         _int(_get(out_details, "reasoning_tokens")) if out_details else None,
-        float(cost_value) if cost_value is not None and cost_value >= 0 else None,
+        # NaN fails the range check; it is checked before float(), which refuses a huge int.
+        float(cost_value)
+        if cost_value is not None and 0 <= cost_value <= MAX_REPORTED_COST_USD
+        else None,
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import math
 import operator
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -19,6 +18,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 __all__ = [
     "HEADER_PREFIX",
+    "MAX_REPORTED_COST_USD",
+    "MAX_REPORTED_TOKENS",
     "PROVIDER_BASE_HEADER",
     "PROVIDER_KEY_HEADER",
     "STANDARD_FIELDS",
@@ -359,31 +360,64 @@ class TokenlayResponseMetadata:
     model: str | None = None
 
 
+#: The most tokens one call is believed to use, and the most it is believed to cost.
+#: A count or cost the proxy or a provider reports beyond these (or negative, or not
+#: finite) is ignored, not clamped: it is no evidence of anything. They sit far above
+#: any real call (a large context window is 10**6-10**7 tokens) and far below what
+#: breaks a sum: int64 (SQLite, OTLP) and float64 stay exact over millions of calls.
+MAX_REPORTED_TOKENS = 10**12
+MAX_REPORTED_COST_USD = 1e9
+# The proxy's processing time: any sane bound does; this one (31 years) keeps an int64.
+_MAX_DURATION_MS = 10**12
+# Header value sizes, in characters; a longer value is ignored before it is read.
+_MAX_SHORT = 32  # numbers, booleans, actions
+_MAX_TEXT = 1024  # rule id, model
+_MAX_WARNINGS_TEXT = 8192
+# What a warnings header may hold: items, characters per item, and brackets (a flat
+# array of strings has one, plus any its texts quote). The bracket bound keeps the
+# JSON parser, which recurses per level, far from the recursion limit.
+_MAX_WARNINGS = 32
+_MAX_WARNING = 1024
+_MAX_BRACKETS = 32
+
+
 def _ignore(header: str) -> None:
     _log.debug("ignoring malformed %s response header", header)
 
 
-def _parse_int(header: str, value: str) -> int | None:
-    if value.isdecimal():  # what the proxy sends; the rest is checked below
-        return int(value)
+def _parse_int(header: str, value: str, most: int = MAX_REPORTED_TOKENS) -> int | None:
+    """A whole number from 0 to ``most`` (a token count by default), else ``None``."""
+    # Callers bound the length first, so int() and float() see at most _MAX_SHORT
+    # characters (Python refuses int() of a 4,300-digit string with ValueError).
+    if value.isdecimal():  # what the proxy sends
+        number = int(value)
+        if number <= most:
+            return number
+        _ignore(header)
+        return None
+    try:
+        parsed = float(value.strip())
+    except ValueError:
+        _ignore(header)
+        return None
+    # NaN fails every comparison; the range check comes before int(), which refuses inf.
+    if not 0 <= parsed <= most or parsed != int(parsed):
+        _ignore(header)
+        return None
+    return int(parsed)
+
+
+def _parse_duration(header: str, value: str) -> int | None:
+    return _parse_int(header, value, _MAX_DURATION_MS)
+
+
+def _parse_cost(header: str, value: str) -> float | None:
     try:
         number = float(value.strip())
     except ValueError:
         _ignore(header)
         return None
-    if not math.isfinite(number) or number < 0 or number != int(number):
-        _ignore(header)
-        return None
-    return int(number)
-
-
-def _parse_float(header: str, value: str) -> float | None:
-    try:
-        number = float(value.strip())
-    except ValueError:
-        _ignore(header)
-        return None
-    if not math.isfinite(number) or number < 0:
+    if not 0 <= number <= MAX_REPORTED_COST_USD:  # NaN fails it too
         _ignore(header)
         return None
     return number
@@ -398,15 +432,21 @@ def _parse_bool(header: str, value: str) -> bool | None:
 
 
 def _parse_warnings(header: str, value: str) -> tuple[str, ...] | None:
+    if value.count("[") + value.count("{") > _MAX_BRACKETS:
+        _ignore(header)
+        return None
     try:
         data = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # recursion: a caller already deep in its stack
         _ignore(header)
         return None
     if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
         _ignore(header)
         return None
-    return tuple(data)
+    kept = tuple(item for item in data[:_MAX_WARNINGS] if len(item) <= _MAX_WARNING)
+    if len(kept) != len(data):
+        _log.debug("ignoring %d of the warnings in %s", len(data) - len(kept), header)
+    return kept
 
 
 def _parse_text(header: str, value: str) -> str | None:
@@ -426,20 +466,20 @@ def _parse_action(header: str, value: str) -> RuleAction | None:
     return None
 
 
-#: Header name -> (field of TokenlayResponseMetadata, parser).
-_FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
-    HEADER_PREFIX + suffix: (field, parse)
-    for suffix, field, parse in (
-        ("rule-id", "rule_id", _parse_text),
-        ("rule-action", "rule_action", _parse_action),
-        ("limit-exceeded", "limit_exceeded", _parse_bool),
-        ("cost", "cost", _parse_float),
-        ("tokens-used", "tokens_used", _parse_int),
-        ("input-tokens", "input_tokens", _parse_int),
-        ("output-tokens", "output_tokens", _parse_int),
-        ("duration", "duration_ms", _parse_int),
-        ("warnings", "warnings", _parse_warnings),
-        ("model", "model", _parse_text),
+#: Header name -> (field of TokenlayResponseMetadata, parser, longest value read).
+_FIELDS: dict[str, tuple[str, Callable[[str, str], Any], int]] = {
+    HEADER_PREFIX + suffix: (field, parse, longest)
+    for suffix, field, parse, longest in (
+        ("rule-id", "rule_id", _parse_text, _MAX_TEXT),
+        ("rule-action", "rule_action", _parse_action, _MAX_SHORT),
+        ("limit-exceeded", "limit_exceeded", _parse_bool, _MAX_SHORT),
+        ("cost", "cost", _parse_cost, _MAX_SHORT),
+        ("tokens-used", "tokens_used", _parse_int, _MAX_SHORT),
+        ("input-tokens", "input_tokens", _parse_int, _MAX_SHORT),
+        ("output-tokens", "output_tokens", _parse_int, _MAX_SHORT),
+        ("duration", "duration_ms", _parse_duration, _MAX_SHORT),
+        ("warnings", "warnings", _parse_warnings, _MAX_WARNINGS_TEXT),
+        ("model", "model", _parse_text, _MAX_TEXT),
     )
 }
 _RAW_PREFIX = HEADER_PREFIX.encode()
@@ -506,5 +546,10 @@ def parse_response_headers(headers: Mapping[str, str]) -> TokenlayResponseMetada
     for header, value in values.items():
         known = _FIELDS.get(header)
         if known is not None:
-            fields[known[0]] = known[1](header, value)
+            field, parse, longest = known
+            # Each header on its own: a bad one leaves the others as they are.
+            if len(value) <= longest:
+                fields[field] = parse(header, value)
+            else:
+                _ignore(header)
     return TokenlayResponseMetadata(**fields)

@@ -7,6 +7,7 @@ is never modified.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from typing import Any
@@ -15,6 +16,8 @@ from ._fork import renew_after_fork
 from ._protocol import TokenlayResponseMetadata, parse_response_headers
 
 __all__ = ["get_tokenlay_metadata", "remember"]
+
+_log = logging.getLogger("tokenlay_otel")
 
 
 class _Remembered:
@@ -80,11 +83,14 @@ def get_tokenlay_metadata(obj: object) -> TokenlayResponseMetadata | None:
     Returns:
         The parsed ``x-tokenlay-*`` headers (for a finished stream, with the cost and
         token counts of its final usage chunk), or ``None`` when the proxy sent none.
+        Never raises: what cannot be read counts as not sent.
     """
     found = _remembered.lookup(obj)
     if found is not None:
         return found
-    headers = _headers_of(obj)
-    if headers is None:
+    try:
+        headers = _headers_of(obj)
+        return None if headers is None else parse_response_headers(headers)
+    except Exception:  # any object may come in, with attributes that raise when read
+        _log.debug("could not read the response headers of a %s", type(obj).__name__)
         return None
-    return parse_response_headers(headers)

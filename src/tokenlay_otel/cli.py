@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from ._protocol import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS
 from .exporters.ledger import DEFAULT_LEDGER_PATH, ENV_LEDGER_PATH, connect
 
 __all__ = ["main", "spend_report"]
@@ -54,9 +55,27 @@ def parse_since(text: str, *, now: float | None = None) -> int:
     return int(((now if now is not None else time.time()) - seconds) * 1e9)
 
 
+def _believed(column: str, most: str) -> str:
+    """``column`` where it holds a count or cost the SDK would record, else NULL.
+
+    The SDK never writes other values, but a ledger may hold rows from older versions
+    or other writers: one of them must not break a report (SUM raises past int64) or
+    turn a total into inf, which JSON cannot carry.
+    """
+    return f"(CASE WHEN {column} >= 0 AND {column} <= :{most} THEN {column} END)"
+
+
+_TOKENS_SUMMED = ("input_tokens", "output_tokens", "cached_input_tokens")
+
+
 def spend_report(path: str, by: str, since_unix_nano: int) -> list[dict[str, Any]]:
     """Spend grouped by one field, highest cost first (unknown values as ``None``)."""
     key = _GROUPS[by]
+    cost = _believed("cost_usd", "most_cost")
+    # TOTAL, not SUM: a float sum cannot overflow (and is exact below 2**53).
+    tokens = ",\n".join(
+        f"TOTAL({_believed(column, 'most_tokens')}) AS {column}" for column in _TOKENS_SUMMED
+    )
     connection = connect(path)
     try:
         cursor = connection.execute(
@@ -64,22 +83,28 @@ def spend_report(path: str, by: str, since_unix_nano: int) -> list[dict[str, Any
             SELECT {key} AS key,
                    COUNT(*) AS requests,
                    SUM(error_type IS NOT NULL) AS errors,
-                   COALESCE(SUM(input_tokens), 0) AS input_tokens,
-                   COALESCE(SUM(output_tokens), 0) AS output_tokens,
-                   COALESCE(SUM(cached_input_tokens), 0) AS cached_input_tokens,
-                   COALESCE(SUM(cost_usd), 0.0) AS cost_usd,
-                   SUM(cost_usd IS NULL AND error_type IS NULL) AS unpriced
+                   {tokens},
+                   TOTAL({cost}) AS cost_usd,
+                   SUM({cost} IS NULL AND error_type IS NULL) AS unpriced
             FROM llm_calls
-            WHERE time_unix_nano >= ?
+            WHERE time_unix_nano >= :since
             GROUP BY key
             ORDER BY cost_usd DESC, requests DESC
-            """,  # noqa: S608  # `key` comes from the fixed table above
-            (since_unix_nano,),
+            """,  # noqa: S608  # `key` and the columns come from the fixed tables above
+            {
+                "since": since_unix_nano,
+                "most_tokens": MAX_REPORTED_TOKENS,
+                "most_cost": MAX_REPORTED_COST_USD,
+            },
         )
         names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        report = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
     finally:
         connection.close()
+    for row in report:
+        for column in _TOKENS_SUMMED:
+            row[column] = int(row[column])
+    return report
 
 
 def _total(report: list[dict[str, Any]]) -> dict[str, Any]:
@@ -114,7 +139,10 @@ def _print_table(report: list[dict[str, Any]], by: str, out: TextIO) -> None:
 def _spend(args: argparse.Namespace, out: TextIO) -> int:
     report = spend_report(args.db, args.by, args.since)
     if args.format == "json":
-        json.dump({"by": args.by, "rows": report, "total": _total(report)}, out, indent=2)
+        # Every number is finite (see _believed); allow_nan=False keeps it so: no
+        # Infinity or NaN, which are not JSON.
+        data = {"by": args.by, "rows": report, "total": _total(report)}
+        json.dump(data, out, indent=2, allow_nan=False)
         out.write("\n")
     elif args.format == "csv":
         writer = csv.writer(out)

@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
 
 from tokenlay_otel._fork import renew_after_fork
+from tokenlay_otel._protocol import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS
 
 __all__ = ["DEFAULT_LEDGER_PATH", "ENV_LEDGER_PATH", "LedgerSpanExporter", "connect", "row_of"]
 
@@ -99,8 +100,53 @@ def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
     return connection
 
 
+# The numeric columns taken from attributes, and the largest value each keeps; the
+# other columns taken from attributes are text. Those in _COMPUTED are built here.
+_BOUNDS: dict[str, int | float] = {
+    "input_tokens": MAX_REPORTED_TOKENS,
+    "output_tokens": MAX_REPORTED_TOKENS,
+    "cached_input_tokens": MAX_REPORTED_TOKENS,
+    "cost_usd": MAX_REPORTED_COST_USD,
+}
+_COMPUTED = frozenset({"time_unix_nano", "trace_id", "span_id", "metadata", "routed"})
+
+
+def _storable(column: str, value: Any) -> bool:
+    """Whether SQLite can take ``value`` for ``column`` as the ledger means it.
+
+    A span's attributes may hold what SQLite refuses (an int past int64, a list, a
+    lone surrogate in a str) or what would spoil a sum (inf, NaN, a negative count).
+    """
+    if value is None or column in _COMPUTED:
+        return True
+    bound = _BOUNDS.get(column)
+    if bound is None:
+        return type(value) is str and (value.isascii() or _encodable(value))
+    kind = type(value)
+    if kind is int or (kind is float and column == "cost_usd"):
+        number: float = value
+        return 0 <= number <= bound  # NaN fails it too
+    return False
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def row_of(span: ReadableSpan) -> tuple[Any, ...] | None:
-    """The ledger row of an LLM span of ours, or ``None`` for any other span."""
+    """The ledger row of an LLM span of ours, or ``None`` for any other span.
+
+    A value SQLite cannot store, or that is out of range, is left out (``NULL``).
+    """
+    values = _values_of(span)
+    return None if values is None else _row(values)[0]
+
+
+def _values_of(span: ReadableSpan) -> dict[str, Any] | None:
     scope = span.instrumentation_scope
     attrs = span.attributes or {}
     if scope is None or scope.name != _SCOPE or "gen_ai.operation.name" not in attrs:
@@ -114,7 +160,7 @@ def row_of(span: ReadableSpan) -> tuple[Any, ...] | None:
     error = attrs.get("error.type")
     if error is None and span.status.status_code is StatusCode.ERROR:
         error = "error"
-    values = {
+    return {
         "time_unix_nano": span.start_time or 0,
         "trace_id": format(context.trace_id, "032x") if context else "",
         "span_id": format(context.span_id, "016x") if context else "",
@@ -134,7 +180,14 @@ def row_of(span: ReadableSpan) -> tuple[Any, ...] | None:
         "routed": int(bool(attrs.get("tokenlay.routed"))),
         "error_type": error,
     }
-    return tuple(values[c] for c in COLUMNS)
+
+
+def _row(values: dict[str, Any]) -> tuple[tuple[Any, ...], list[str]]:
+    """The row to store and the columns whose value was left out."""
+    dropped = [column for column in COLUMNS if not _storable(column, values[column])]
+    if dropped:
+        values = {**values, **dict.fromkeys(dropped)}
+    return tuple(values[column] for column in COLUMNS), dropped
 
 
 class LedgerSpanExporter(SpanExporter):
@@ -149,6 +202,7 @@ class LedgerSpanExporter(SpanExporter):
         self.path = Path(path or os.environ.get(ENV_LEDGER_PATH) or DEFAULT_LEDGER_PATH)
         self._connection: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._dropped_reported = False
         renew_after_fork(self)
 
     def _after_fork(self) -> None:
@@ -162,7 +216,16 @@ class LedgerSpanExporter(SpanExporter):
         return self._connection
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        rows = [row for row in (row_of(span) for span in spans) if row is not None]
+        rows = []
+        dropped: set[str] = set()
+        for span in spans:
+            values = _values_of(span)
+            if values is not None:
+                row, left_out = _row(values)
+                rows.append(row)
+                dropped.update(left_out)
+        if dropped:
+            self._report_dropped(dropped)
         if not rows:
             return SpanExportResult.SUCCESS
         placeholders = ", ".join("?" for _ in COLUMNS)
@@ -180,6 +243,17 @@ class LedgerSpanExporter(SpanExporter):
             )
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
+
+    def _report_dropped(self, columns: set[str]) -> None:
+        # Once a warning, then at debug: a source of bad values sends them on every call.
+        level = logging.DEBUG if self._dropped_reported else logging.WARNING
+        self._dropped_reported = True
+        _log.log(
+            level,
+            "tokenlay_otel: the ledger left out values it cannot store or believe (%s); "
+            "their rows are written without them",
+            ", ".join(sorted(columns)),
+        )
 
     def shutdown(self) -> None:
         with self._lock:
