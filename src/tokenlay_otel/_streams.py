@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
 import openai
@@ -96,18 +96,14 @@ class _StreamState:
             if event_type in _STREAM_END_EVENTS:
                 self.final_response = fields.get("response")
             return False
-        if self.response_id is None:
-            self.response_id = fields.get("id")
-            self.model = fields.get("model")
-            self.fingerprint = fields.get("system_fingerprint") or self.fingerprint
-            self.service_tier = fields.get("service_tier") or self.service_tier
+        if self.response_id is None or self.model is None:
+            self._name_response(fields)
         choices = fields.get("choices")
         usage = fields.get("usage")
         if usage is not None:
             # The usage chunk comes last: its fingerprint and tier are the final ones.
             self.usage = A.usage_of(usage) or self.usage
-            self.fingerprint = fields.get("system_fingerprint") or self.fingerprint
-            self.service_tier = fields.get("service_tier") or self.service_tier
+            self._note_backend(fields)
             if self.hide_usage and not choices:
                 return True
         if not choices or not isinstance(choices, list | tuple):
@@ -124,14 +120,29 @@ class _StreamState:
             index = index if type(index) is int else 0
             if isinstance(reason, str) and reason:
                 self.reasons[index] = reason
-                self.fingerprint = fields.get("system_fingerprint") or self.fingerprint
-                self.service_tier = fields.get("service_tier") or self.service_tier
+                self._note_backend(fields)
             if texts is not None:
                 delta = found.get("delta")
                 text = A._get(delta, "content") if delta else found.get("text")
                 if isinstance(text, str) and text:
                     texts.setdefault(index, []).append(text)
         return False
+
+    def _name_response(self, fields: Mapping[str, Any]) -> None:
+        """Take the response's id and model from the first chunk that names them, not
+        from the first chunk: Azure opens a stream with a content-filter chunk whose
+        id and model are empty. Once both are known this is no longer called."""
+        if self.response_id is None:
+            self.response_id = _text(fields.get("id"))
+        if self.model is None:
+            self.model = _text(fields.get("model"))
+        self._note_backend(fields)
+
+    def _note_backend(self, fields: Mapping[str, Any]) -> None:
+        """The fingerprint and service tier a chunk names; a later one wins (the last
+        chunks carry the final ones), an empty or absent one changes nothing."""
+        self.fingerprint = _text(fields.get("system_fingerprint")) or self.fingerprint
+        self.service_tier = _text(fields.get("service_tier")) or self.service_tier
 
     def _learn_delta_types(self, chunk: Any, choice: Any) -> None:
         """Remember the types of a parsed chat chunk and its choice, for the fast path
@@ -172,6 +183,11 @@ class _StreamState:
                 response_attrs=attrs, usage=usage, meta=self.meta, output=output, error=error
             )
         remember(result, _with_usage(self.meta, usage))
+
+
+def _text(value: object) -> str | None:
+    """``value`` if it is a non-empty string (an empty one names nothing)."""
+    return value if isinstance(value, str) and value else None
 
 
 def _with_usage(

@@ -33,13 +33,12 @@ from ._routing import TokenlayRouteError, Unroutable, routes
 from ._safety import internal_error, log
 from ._streams import wrap_result
 from ._telemetry import LLMCall, Telemetry
+from ._usage_option import api_version_of, usage_option_accepted
 
 __all__ = ["note_http_response", "request_async", "request_sync"]
 
 _ACTIVE: ContextVar[_Request | None] = ContextVar("tokenlay_request", default=None)
 _ABSOLUTE = ("http://", "https://")
-# Providers known to accept stream_options.include_usage on direct (unrouted) calls.
-_USAGE_OPTION_PROVIDERS = frozenset({"openai", "azure.ai.openai"})
 # Bad metadata on the auto-instrumented path is dropped with one warning per problem.
 _warned: set[str] = set()
 
@@ -242,15 +241,31 @@ def _metadata_for(
 
 
 def _wants_usage_chunk(
-    endpoint: Endpoint | None, body: Mapping[str, Any], *, routed: bool, provider: str
+    endpoint: Endpoint | None,
+    body: Mapping[str, Any],
+    *,
+    routed: bool,
+    provider: str,
+    client: Any,
+    params: object,
 ) -> bool:
     if endpoint is None or not endpoint.stream_usage_option or body.get("stream") is not True:
         return False
     options = body.get("stream_options")
     if isinstance(options, Mapping) and "include_usage" in options:
         return False  # the caller decided
-    # Other OpenAI-compatible servers may reject the option; the proxy accepts it.
-    return routed or provider in _USAGE_OPTION_PROVIDERS
+    if routed:
+        return True  # the proxy accepts it
+    # A direct call gets it only where the provider is known to accept it: an unknown
+    # field is a 400 on other OpenAI-compatible servers and on older Azure api-versions.
+    api_version = None
+    if provider == "azure.ai.openai":
+        try:
+            api_version = api_version_of(getattr(client, "default_query", None), params)
+        except Exception:  # an odd client: leave the call as it is
+            internal_error("reading the api-version")
+            return False
+    return usage_option_accepted(provider, api_version)
 
 
 def _start(
@@ -280,7 +295,9 @@ def _start(
 
     llm = _start_span(telemetry, endpoint, body, metadata, provider_base, routed=routed)
     provider = llm.provider[PROVIDER] if llm else ""
-    hide_usage = _wants_usage_chunk(endpoint, body, routed=routed, provider=provider)
+    hide_usage = _wants_usage_chunk(
+        endpoint, body, routed=routed, provider=provider, client=client, params=options.params
+    )
     request = _Request(llm, streaming=body.get("stream") is True, hide_usage=hide_usage)
     try:
         update: dict[str, Any] = {}
