@@ -15,6 +15,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import yaml
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
@@ -25,7 +26,7 @@ from tokenlay_otel._config import Settings
 from tokenlay_otel.proxy.local import DEFAULT_LOCAL_KEY, local_proxy
 
 from .proxy_harness import free_port, wait_http
-from .test_dashboards import DASHBOARDS, ROOT
+from .test_dashboards import DASHBOARDS, ROOT, STACK
 
 # Panels that show something only when it happens; the traffic below never bypasses
 # the proxy (fail-open is off), so that panel stays empty by design.
@@ -52,6 +53,11 @@ def traffic(client: TokenlayOpenAI, stop: threading.Event) -> None:
         time.sleep(0.02)
 
 
+def _alert_expr(name: str) -> str:
+    groups = yaml.safe_load((STACK / "alerts.yaml").read_text())["groups"]
+    return next(r["expr"] for g in groups for r in g["rules"] if r.get("alert") == name)
+
+
 def query(port: int, expr: str) -> list[object]:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     answer = json.loads(urllib.request.urlopen(url, timeout=10).read())
@@ -72,6 +78,7 @@ def test_every_panel_returns_data(tmp_path: Path) -> None:
     config = tmp_path / "prometheus.yml"
     config.write_text(
         f"global: {{scrape_interval: {SCRAPE_S}s, evaluation_interval: {SCRAPE_S}s}}\n"
+        f"rule_files: ['{STACK / 'alerts.yaml'}']\n"
         "scrape_configs:\n"
         f"  - job_name: sdk\n    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n"
     )
@@ -104,6 +111,12 @@ def test_every_panel_returns_data(tmp_path: Path) -> None:
                         results[(path.name, panel["title"], target["refId"])] = query(
                             prom_port, expr
                         )
+            rules = json.loads(
+                urllib.request.urlopen(
+                    f"http://127.0.0.1:{prom_port}/api/v1/rules", timeout=10
+                ).read()
+            )["data"]["groups"]
+            at_limit = query(prom_port, _alert_expr("TokenlayLimitReached"))
             stop.set()
             worker.join(timeout=10)
     finally:
@@ -113,6 +126,13 @@ def test_every_panel_returns_data(tmp_path: Path) -> None:
         instrumentor.uninstrument()
         meters.shutdown()
         http_server.shutdown()
+    # The alert rules load and evaluate on the real series; bob (3 free requests a
+    # day, called again and again) is at his limit.
+    evaluated = [r for group in rules for r in group["rules"]]
+    assert len(evaluated) == 9
+    assert all(r["health"] == "ok" for r in evaluated), [r.get("lastError") for r in evaluated]
+    assert {(s["metric"]["tokenlay_limit_value"], s["metric"]["tokenlay_limit_type"])  # type: ignore[index]
+            for s in at_limit} >= {("bob", "requests")}  # fmt: skip
     empty = sorted(key for key, data in results.items() if not data)
     assert [key for key in empty if key[1] not in EMPTY_BY_DESIGN] == []
     assert len(results) >= 20

@@ -272,6 +272,36 @@ def proxy() -> Board:
         instant=True,
     )
     b.panel(
+        "Closest to their limits (now)",
+        [
+            (
+                "topk(10, max by (tokenlay_rule_id, tokenlay_limit_type, tokenlay_limit_window, "
+                "tokenlay_limit_field, tokenlay_limit_value) "
+                "(tokenlay_proxy_limit_utilization))",
+                "{{tokenlay_limit_field}} {{tokenlay_limit_value}}: {{tokenlay_limit_type}} "
+                "per {{tokenlay_limit_window}} ({{tokenlay_rule_id}})",
+            )
+        ],
+        kind="bargauge",
+        unit="percentunit",
+        instant=True,
+        description="Each limited user, org... by the share of its limit used in the "
+        "current window; read from the proxy's store.",
+    )
+    b.panel(
+        "Blocked and downgraded (limits hit)",
+        [
+            (
+                "sum by (tokenlay_rule_id, tokenlay_rule_action) (rate("
+                f'tokenlay_proxy_decisions_total{{tokenlay_limit_exceeded="true"}}[{RATE}]))',
+                "{{tokenlay_rule_id}} {{tokenlay_rule_action}}",
+            )
+        ],
+        unit="reqps",
+        description="Calls past a limit, by what the rule did: block, allow (downgraded "
+        "to a cheaper model), warn or queue.",
+    )
+    b.panel(
         "Calls settled, by how they ended and where their usage came from",
         [
             (

@@ -507,10 +507,11 @@ class Call(Responder):
         for name in ("user", "org", "plan", "project", "feature"):
             if name in self.incoming.metadata:
                 span.set_attribute(f"tokenlay.{name}", self.incoming.metadata[name])
-        attrs = {"tokenlay.rule.action": decision.action}
+        attrs: dict[str, str | bool] = {"tokenlay.rule.action": decision.action}
         if decision.rule is not None:
             attrs["tokenlay.rule.id"] = decision.rule.id
-            span.set_attribute("tokenlay.limit_exceeded", decision.limit_exceeded)
+            # With the action, it tells a downgrade (allow past a limit) from an allow.
+            attrs["tokenlay.limit_exceeded"] = decision.limit_exceeded
         span.set_attributes(attrs)
         if self.requested:
             span.set_attribute("gen_ai.request.model", self.requested)

@@ -104,7 +104,9 @@ class LimitGauges:
         meter.create_observable_gauge(
             "tokenlay.proxy.limit.utilization",
             callbacks=[self._utilization],
-            unit="1",
+            # No unit "1": Prometheus's OTLP ingestion would add "_ratio" to the name and
+            # the Python exporter would not; one name on both paths keeps the dashboards'
+            # and the alerts' queries right.
             description="Use of each limit in its current window over its maximum (0-1)",
         )
 
