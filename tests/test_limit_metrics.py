@@ -33,7 +33,7 @@ RULES = parse_rules(
             "then": {
                 "limits": [
                     {"type": "tokens", "max": 100_000, "window": "day", "per": "user"},
-                    {"type": "requests", "max": 1000, "window": "minute", "per": "org"},
+                    {"type": "requests", "max": 1000, "window": "total", "per": "org"},
                     {"type": "cost", "max": 1.0, "window": "month", "per": "user"},
                     {"type": "concurrent", "max": 8, "per": "user"},
                 ]
@@ -91,11 +91,12 @@ def test_limit_metrics_read_what_the_store_counts(store: StoreView) -> None:
         if label != "estimated" and value > 0:
             who = subject.replace("%2A", "*")
             expected[("budgets", kind, window, field, who)] = value
+    assert set(usage) == set(expected), (sorted(usage), sorted(expected))
     assert usage == pytest.approx(expected)
     # Every user, org and the calls without a user are there; tokens: the mock's 23 a call.
     assert usage[("budgets", "tokens", "day", "user", "u1")] == 6 * 23
     assert usage[("budgets", "tokens", "day", "user", "*")] == 23
-    assert usage[("budgets", "requests", "minute", "org", "o1")] == 9
+    assert usage[("budgets", "requests", "total", "org", "o1")] == 9
     tokens = ("budgets", "tokens", "day", "user", "u1")
     assert utilization[tokens] == pytest.approx(6 * 23 / 100_000)
     cost = ("budgets", "cost", "month", "user", "u2")

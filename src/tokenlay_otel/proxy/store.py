@@ -234,6 +234,7 @@ class SQLiteStore(UsageStore):
             rows = db.execute(
                 "SELECT key, value FROM usage WHERE key >= ? AND key < ? "
                 "AND substr(key, -?) = ? AND (expires_at IS NULL OR expires_at > ?) "
+                "AND value > 0 "
                 "ORDER BY value DESC, key LIMIT ?",
                 (*bounds, now, count),
             ).fetchall()
