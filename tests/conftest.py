@@ -55,6 +55,14 @@ def _no_secret_is_exported(request: pytest.FixtureRequest, caplog: pytest.LogCap
         )
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rate_limited_warnings() -> None:
+    """Warnings said once a minute are said again in each test."""
+    from tokenlay_otel import _wrappers
+
+    _wrappers._said.clear()
+
+
 @pytest.fixture
 def server() -> Iterator[FakeOpenAIServer]:
     with FakeOpenAIServer() as srv:

@@ -259,7 +259,11 @@ def test_price_overrides_win(
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('{"m": {"input": -1, "output": 1}}', r"model 'm': 'input' must be a non-negative"),
+        ('{"m": {"input": -1, "output": 1}}', r"model 'm': 'input' must be a number .* from 0"),
+        ('{"m": {"input": NaN, "output": 1}}', r"model 'm': 'input' must be a number .* got nan"),
+        ('{"m": {"input": 1e308, "output": 1}}', r"model 'm': 'input' must be a number"),
+        ('{"m": {"input": 1' + "0" * 400 + ', "output": 1}}', r"'input' must be a number"),
+        ('{"m": {"input": 1' + "0" * 5000 + ', "output": 1}}', r"digits"),
         ('{"m": {"input": 1}}', r"model 'm': 'input' and 'output' are required"),
         ('{"m": {"input": 1, "output": 1, "cache": 1}}', r"model 'm': unknown keys \['cache'\]"),
         ("[1, 2]", "expected a mapping"),

@@ -368,6 +368,8 @@ def test_flags_become_proxy_config_and_server_limits() -> None:
         "2.5",
         "--max-upload-bytes",
         "4096",
+        "--upload-timeout",
+        "60",
         "--upstream-timeout",
         "9",
         "--lease-seconds",
@@ -400,6 +402,7 @@ def test_flags_become_proxy_config_and_server_limits() -> None:
         "max_body_bytes": 1024,
         "body_timeout_s": 2.5,
         "max_upload_bytes": 4096,
+        "upload_timeout_s": 60.0,
         "upstream_timeout_s": 9.0,
         "lease_s": 7.0,
         "drain_timeout_s": 0.0,
@@ -466,7 +469,7 @@ def test_help_shows_every_flag_with_its_default() -> None:
     ).stdout
     proxy = build_parser()._subparsers._group_actions[0].choices["proxy"]  # type: ignore[union-attr]
     flags = [a for a in proxy._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) == 25
+    assert len(flags) == 26
     text = " ".join(help_text.split())
     for action in flags:
         assert action.help is not None

@@ -60,11 +60,29 @@ def requests_point(telemetry: SpanCapture) -> dict:  # type: ignore[type-arg]
     return dict(point.attributes)
 
 
-@pytest.mark.parametrize("fault", ["refused", "timeout"])
-def test_fail_open_bypasses_an_unreachable_proxy(
-    fault: str, server: FakeOpenAIServer, silent_proxy: str, instrument, telemetry: SpanCapture
+@pytest.fixture
+def full_backlog() -> Iterator[str]:
+    """A listener that accepts nothing and whose queue is full: connecting times out."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    waiting = []
+    for _ in range(8):  # fill the accept queue; later connection attempts hang
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(listener.getsockname())
+        waiting.append(s)
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    for s in waiting:
+        s.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("fault", ["refused", "connect_timeout"])
+def test_fail_open_bypasses_a_proxy_it_never_reached(
+    fault: str, server: FakeOpenAIServer, full_backlog: str, instrument, telemetry: SpanCapture
 ) -> None:
-    proxy = closed_port() if fault == "refused" else silent_proxy
+    proxy = closed_port() if fault == "refused" else full_backlog
     instrument(TOKENLAY_KEY=TOKENLAY_KEY, TOKENLAY_BASE_URL=proxy, TOKENLAY_FAIL_OPEN="true")
     reply = routed(server, proxy, timeout=0.5).chat.completions.create(
         model="gpt-4o-mini", messages=MESSAGES
@@ -104,6 +122,28 @@ def test_without_fail_open_the_caller_gets_the_openai_error(
     span = telemetry.only_span()
     assert span.attributes["error.type"] == error_type
     assert requests_point(telemetry)["tokenlay.proxy.bypassed"] is False
+
+
+def test_fail_open_does_not_resend_a_call_the_proxy_took_and_did_not_answer(
+    server: FakeOpenAIServer,
+    silent_proxy: str,
+    instrument,
+    telemetry: SpanCapture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The proxy may have forwarded it: sent again, it would be billed twice, once past
+    spend control."""
+    instrument(TOKENLAY_KEY=TOKENLAY_KEY, TOKENLAY_BASE_URL=silent_proxy, TOKENLAY_FAIL_OPEN="1")
+    client = routed(server, silent_proxy, timeout=0.5)
+    for _ in range(3):
+        with pytest.raises(openai.APITimeoutError):
+            client.chat.completions.create(model="m", messages=MESSAGES)
+    assert server.requests == []
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    said = [w for w in warnings if silent_proxy in w]
+    assert len(said) == 1, said  # once a minute, not once a call
+    assert "did not answer (ReadTimeout)" in said[0]
+    assert all(not s.attributes.get("tokenlay.proxy.bypassed") for s in telemetry.spans())
 
 
 def test_an_http_answer_is_never_bypassed(

@@ -11,6 +11,7 @@ real local proxy, the rest straight to the provider); and routed wholesale
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import inspect
 import json
@@ -54,8 +55,11 @@ class EchoProvider:
             disable_nagle_algorithm = True  # no 40 ms delayed-ACK stall per answer
 
             def _answer(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(length) if length else b""
+                if self.headers.get("transfer-encoding", "").lower() == "chunked":
+                    body = self._chunks()
+                else:
+                    length = int(self.headers.get("content-length") or 0)
+                    body = self.rfile.read(length) if length else b""
                 content_type = self.headers.get("content-type", "")
                 boundary = re.search(r"boundary=([^;]+)", content_type)
                 if boundary:
@@ -84,6 +88,14 @@ class EchoProvider:
                 self.send_header("content-length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+
+            def _chunks(self) -> bytes:
+                body = b""
+                while size := int(self.rfile.readline().split(b";")[0], 16):
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+                self.rfile.readline()
+                return body
 
             do_GET = do_POST = do_DELETE = _answer
 
@@ -352,3 +364,77 @@ def test_a_client_that_leaves_mid_upload_ends_the_call_as_upload_stopped(
     assert [e for e in exits if e is not None] == ["upload_stopped"]  # the server span
     (_, points) = telemetry.metrics()["tokenlay.proxy.settlements"]
     assert [p.attributes["tokenlay.proxy.exit"] for p in points] == ["upload_stopped"]
+
+
+def _raw(proxy: str, provider: EchoProvider, request_line: str, extra: str, body: bytes,
+         *, pause_s: float = 0.0) -> bytes:  # fmt: skip
+    """Send one request by hand and read the whole answer."""
+    import socket
+    import time
+
+    port = int(proxy.rsplit(":", 1)[1])
+    head = (
+        f"{request_line}\r\nhost: 127.0.0.1\r\nconnection: close\r\n"
+        f"authorization: Bearer {DEFAULT_LOCAL_KEY}\r\n"
+        f"x-tokenlay-provider-key: {PROVIDER_KEY}\r\n"
+        f"x-tokenlay-provider-base: {provider.url}/v1\r\n{extra}\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(head.encode())
+        try:
+            for piece in [body[i : i + 1] for i in range(len(body))] if pause_s else [body]:
+                sock.sendall(piece)
+                time.sleep(pause_s)
+        except OSError:  # the proxy answered and closed before the body was all sent
+            pass
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/chat/completions;x", "/v1/chat/completions%3B", "/v1/Chat/Completions",
+             "/v1/CHAT/completions;a=b"],
+)  # fmt: skip
+def test_a_metered_endpoint_in_another_spelling_is_refused(
+    provider: EchoProvider, path: str
+) -> None:
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})
+    with local_proxy(mock_upstream=False, allow_providers=(provider.url,)) as proxy:
+        provider.seen.clear()
+        answer = _raw(proxy, provider, f"POST {path} HTTP/1.1",
+                      f"content-type: application/json\r\ncontent-length: {len(body)}\r\n",
+                      body.encode())  # fmt: skip
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"another spelling" in answer
+    assert provider.seen == []
+
+
+def test_an_upload_with_both_a_length_and_chunks_is_framed_by_its_chunks(
+    provider: EchoProvider,
+) -> None:
+    chunked = b"3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n"
+    with local_proxy(mock_upstream=False, allow_providers=(provider.url,)) as proxy:
+        answer = _raw(proxy, provider, "POST /v1/files HTTP/1.1",
+                      "content-type: application/octet-stream\r\ncontent-length: 3\r\n"
+                      "transfer-encoding: chunked\r\n", chunked)  # fmt: skip
+    # Either refused as ambiguous by the server, or sent on whole: never a 500.
+    status = answer.split(b" ", 2)[1]
+    assert status in (b"200", b"400"), answer[:300]
+    if status == b"200":  # the provider got the six bytes of the chunks
+        assert hashlib.sha256(b"abcdef").hexdigest().encode() in answer
+
+
+def test_an_upload_that_takes_too_long_in_all_is_cut(
+    provider: EchoProvider, telemetry: SpanCapture
+) -> None:
+    limits = {"body_timeout_s": 1.0, "upload_timeout_s": 1.5}
+    with local_proxy(mock_upstream=False, allow_providers=(provider.url,),
+                     tracer_provider=telemetry.provider, **limits) as proxy:  # fmt: skip
+        answer = _raw(proxy, provider, "POST /v1/files HTTP/1.1",
+                      "content-type: application/octet-stream\r\ncontent-length: 40\r\n",
+                      b"x" * 40, pause_s=0.3)  # fmt: skip
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"took over 1.5 s" in answer and b"invalid_request_error" in answer

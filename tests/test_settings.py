@@ -378,3 +378,114 @@ def test_drop_in_clients_without_instrument_share_one_state(
         seen.append(_state.current_telemetry())
     assert seen[0] is seen[1] is seen[2]
     assert json.dumps(seen[0].settings.metric_value_limit) == "2"
+
+
+# --- what a hostile review found --------------------------------------------------------
+
+
+def test_a_key_copied_with_a_newline_still_routes_and_a_bad_one_is_named(
+    wire: Wire, instrument_env, caplog: pytest.LogCaptureFixture
+) -> None:
+    instrument_env(TOKENLAY_KEY=f"  {TOKENLAY_KEY}\n", TOKENLAY_BASE_URL=PROXY)
+    wire.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert wire.sent[-1].headers["authorization"] == f"Bearer {TOKENLAY_KEY}"
+    for bad in ("tlk_sécret", "tl key"):
+        settings, problems = Settings.read_env({"TOKENLAY_KEY": bad})
+        assert settings.instrumented_route() is None
+        (problem,) = problems
+        assert problem.startswith("TOKENLAY_KEY holds characters") and bad not in problem
+    with pytest.raises(ValueError, match="tokenlay_key holds characters"):
+        TokenlayOpenAI(provider_api_key=PROVIDER_KEY, tokenlay_key="tl\nkey")
+
+
+@pytest.mark.parametrize(
+    ("base", "problem"),
+    [("https://h:abc", "not a valid URL"), ("https://h:99999", "not a valid URL"),
+     ("https://h/?a=b", "query or a fragment"), ("https://h/#x", "query or a fragment"),
+     ("https://[::1", "not a valid URL")],
+)  # fmt: skip
+def test_a_base_url_that_cannot_take_paths_is_refused_by_name(base: str, problem: str) -> None:
+    settings, problems = Settings.read_env(
+        {"TOKENLAY_KEY": TOKENLAY_KEY, "TOKENLAY_BASE_URL": base}
+    )
+    assert settings.instrumented_route() is None
+    (said,) = problems
+    assert said.startswith("TOKENLAY_BASE_URL") and problem in said
+
+
+def test_urls_are_shown_without_their_password(
+    wire: Wire, instrument_env, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    instrument_env(
+        TOKENLAY_KEY=TOKENLAY_KEY, TOKENLAY_BASE_URL="https://user:pw-SECRET@proxy.example.com"
+    )
+    wire.client("http://user:pw-SECRET@10.9.8.7/v1").chat.completions.create(
+        model="m", messages=MESSAGES
+    )
+    with pytest.raises(ValueError, match="TOKENLAY_BASE_URL") as info:
+        Settings.from_env({"TOKENLAY_KEY": "k", "TOKENLAY_BASE_URL": "ftp://u:pw-SECRET@h"})
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("tokenlay")]
+    logged = " ".join(ours) + str(info.value)  # (httpx logs the URL it sends to as it is)
+    assert "proxy.example.com" in logged and "10.9.8.7" in logged
+    assert "pw-SECRET" not in logged
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["./chat/completions", "/x/../chat/completions", "/chat/completions/.",
+     "/chat/completions#x", "http://127.0.0.1:9/v1/chat/completions"],
+)  # fmt: skip
+def test_required_routing_sees_the_path_httpx_will_send(
+    wire: Wire, instrument_env, url: str
+) -> None:
+    instrument_env(TOKENLAY_REQUIRE_ROUTE="true")  # no key: every metered call is refused
+    with pytest.raises(TokenlayRouteError):
+        wire.client().post(url, cast_to=object, body={"model": "m", "messages": MESSAGES})
+    assert wire.sent == []
+
+
+def test_required_routing_refuses_an_absolute_url_it_would_not_route(
+    wire: Wire, instrument_env
+) -> None:
+    instrument_env(TOKENLAY_KEY=TOKENLAY_KEY, TOKENLAY_BASE_URL=PROXY, TOKENLAY_REQUIRE_ROUTE="1")
+    with pytest.raises(TokenlayRouteError, match="absolute URL"):
+        wire.client().post("https://api.openai.com/v1/chat/completions", cast_to=object,
+                           body={"model": "m", "messages": MESSAGES})  # fmt: skip
+    assert wire.sent == []
+
+
+def test_drop_in_clients_follow_required_routing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENLAY_REQUIRE_ROUTE", "true")
+    with pytest.raises(ValueError, match="fail-open"):
+        TokenlayOpenAI(provider_api_key=PROVIDER_KEY, tokenlay_key=TOKENLAY_KEY, fail_open=True)
+    monkeypatch.setenv("TOKENLAY_FAIL_OPEN", "true")
+    with pytest.raises(ValueError, match="TOKENLAY_REQUIRE_ROUTE"):
+        TokenlayOpenAI(provider_api_key=PROVIDER_KEY, tokenlay_key=TOKENLAY_KEY)
+    monkeypatch.delenv("TOKENLAY_FAIL_OPEN")
+    client = TokenlayOpenAI(provider_api_key=PROVIDER_KEY, tokenlay_key=TOKENLAY_KEY)
+    assert client._tokenlay_route.required and not client._tokenlay_route.fail_open
+
+
+@pytest.mark.parametrize("text", ["²", "٣", "1" * 29, "-5", "1e3"])
+def test_a_user_limit_must_be_plain_digits_within_reason(text: str) -> None:
+    settings, (problem,) = Settings.read_env({"TOKENLAY_METRIC_USER_LIMIT": text})
+    assert settings.metric_value_limit == 1000 and "TOKENLAY_METRIC_USER_LIMIT" in problem
+
+
+@pytest.mark.parametrize("entry", [".", "..", "-", "a" * 300, "x.", "http://h"])
+def test_allowed_http_hosts_are_host_names(entry: str) -> None:
+    settings, (problem,) = Settings.read_env({"TOKENLAY_ALLOW_HTTP_HOSTS": f"ok-host,{entry}"})
+    assert settings.allow_http_hosts == {"ok-host"} and "TOKENLAY_ALLOW_HTTP_HOSTS" in problem
+
+
+def test_instrument_never_raises_on_what_the_environment_holds(
+    tmp_path, instrument_env, telemetry: SpanCapture, wire: Wire
+) -> None:
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"m": {"input": 1' + "0" * 400 + ', "output": Infinity}}')
+    instrument_env(TOKENLAY_METRIC_USER_LIMIT="²", TOKENLAY_PRICES_FILE=str(prices),
+                   TOKENLAY_KEY="tlk_sécret", TOKENLAY_BASE_URL="https://h:abc")  # fmt: skip
+    wire.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert wire.hosts() == ["api.openai.com"]  # traced, not routed
+    assert len(telemetry.spans()) == 1

@@ -74,9 +74,17 @@ DEFAULT_TOKENLAY_BASE_URL = "https://api.tokenlay.com"
 DEFAULT_PROVIDER_API_BASE = "https://api.openai.com/v1"
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+#: Distinct values per metric attribute field: past this, a cap protects nothing.
+_MAX_CAP = 1_000_000
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
-_HOST = re.compile(r"[a-z0-9_.-]+|[0-9a-f:.]+")
+# A host name (labels of letters, digits, '-' and '_', not at a label's ends) or an IPv6
+# literal (it has a colon).
+_HOST = re.compile(
+    r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*"
+    r"|[0-9a-f.]*:[0-9a-f:.]*"
+)
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 
 
 def _frozen(mapping: Mapping[str, str]) -> Mapping[str, str]:
@@ -100,6 +108,22 @@ def parse_bool(variable: str, value: str | None, *, default: bool) -> bool:
     raise ValueError(
         f"{variable} must be one of true/false, 1/0, yes/no, on/off; got {value.strip()!r}"
     )
+
+
+def _key(variable: str, value: str | None) -> str | None:
+    """A key as it will travel in a header: surrounding whitespace (a secret file's
+    newline) dropped; ``None`` when empty.
+
+    Raises:
+        ValueError: it holds what a header cannot carry; the message never shows it.
+    """
+    key = (value or "").strip()
+    if key and not _VISIBLE_ASCII.fullmatch(key):
+        raise ValueError(
+            f"{variable} holds characters an HTTP header cannot carry (spaces, control "
+            "or non-ASCII characters); check how the key was copied"
+        )
+    return key or None
 
 
 def _http_hosts(text: str, problems: list[str]) -> frozenset[str]:
@@ -206,10 +230,15 @@ class Settings:
                 problems.append(f"{exc}; using {str(unreadable).lower()}")
                 return unreadable
 
-        key = (env.get(ENV_TOKENLAY_KEY) or None) if routing else None
+        key, refused = None, None
+        if routing:
+            try:
+                key = _key(ENV_TOKENLAY_KEY, env.get(ENV_TOKENLAY_KEY))
+            except ValueError as exc:
+                refused = f"{exc}; calls are not routed"
+                problems.append(refused)
         base = env.get(ENV_TOKENLAY_BASE_URL) or DEFAULT_TOKENLAY_BASE_URL
         allow_http = _http_hosts(env.get(ENV_ALLOW_HTTP_HOSTS, ""), problems)
-        refused = None
         if key:
             try:
                 base = check_url_security(
@@ -217,6 +246,7 @@ class Settings:
                     what=ENV_TOKENLAY_BASE_URL,
                     allow_http_hosts=allow_http,
                     allow_variable=ENV_ALLOW_HTTP_HOSTS,
+                    bare=True,
                 )
             except ValueError as exc:
                 refused = str(exc)
@@ -229,9 +259,10 @@ class Settings:
                 _each(fields_text, normalize_field_name, ENV_METRIC_ATTRIBUTES, problems)
             )
         limit_text = env.get(ENV_METRIC_USER_LIMIT, "").strip() or "1000"
-        if not limit_text.isdigit():
+        if not (limit_text.isascii() and limit_text.isdigit() and int(limit_text) <= _MAX_CAP):
             problems.append(
-                f"{ENV_METRIC_USER_LIMIT} must be a whole number, got {limit_text!r}; using 1000"
+                f"{ENV_METRIC_USER_LIMIT} must be a whole number up to {_MAX_CAP}, "
+                f"got {limit_text[:40]!r}; using 1000"
             )
             limit_text = "1000"
         metadata: dict[str, str] = {}
@@ -289,9 +320,11 @@ class Settings:
         """Why instrumented clients are not routed, or ``None`` when they are."""
         if not self.route:
             return f"{ENV_TOKENLAY_ROUTE} is false"
+        if self.route_refused:
+            return self.route_refused
         if not self.tokenlay_key:
             return f"{ENV_TOKENLAY_KEY} is not set"
-        return self.route_refused
+        return None
 
 
 def _each(text: str, parse: Callable[[str], str], variable: str, problems: list[str]) -> list[str]:
@@ -325,13 +358,15 @@ def client_route(
             message names the argument and the environment variable to set, never a key.
     """
     env = os.environ if environ is None else environ
-    tl_key = tokenlay_key or env.get(ENV_TOKENLAY_KEY)
+    tl_key = _key("tokenlay_key" if tokenlay_key else ENV_TOKENLAY_KEY,
+                  tokenlay_key or env.get(ENV_TOKENLAY_KEY))  # fmt: skip
     if not tl_key:
         raise ValueError(
             f"no Tokenlay key: pass tokenlay_key=... or set the {ENV_TOKENLAY_KEY} "
             "environment variable"
         )
-    provider_key = provider_api_key or env.get(ENV_PROVIDER_API_KEY)
+    provider_key = _key("provider_api_key" if provider_api_key else ENV_PROVIDER_API_KEY,
+                        provider_api_key or env.get(ENV_PROVIDER_API_KEY))  # fmt: skip
     if not provider_key:
         raise ValueError(
             "no provider API key: pass provider_api_key=... (or api_key=...) or set the "
@@ -346,17 +381,25 @@ def client_route(
         what="tokenlay_base_url" if tokenlay_base_url else ENV_TOKENLAY_BASE_URL,
         allow_http_hosts=allow_http,
         allow_variable=ENV_ALLOW_HTTP_HOSTS,
+        bare=True,
     )
     provider_base = check_url_security(
         provider_api_base or env.get(ENV_PROVIDER_API_BASE) or DEFAULT_PROVIDER_API_BASE,
         what="provider_api_base" if provider_api_base else ENV_PROVIDER_API_BASE,
         allow_http_hosts=allow_http,
         allow_variable=ENV_ALLOW_HTTP_HOSTS,
+        bare=True,
     )
     defaults = parse_metadata_env(env.get(ENV_TOKENLAY_METADATA, ""), source=ENV_TOKENLAY_METADATA)
     scope = parse_scope(env.get(ENV_ROUTE_ENDPOINTS, ""), source=ENV_ROUTE_ENDPOINTS)
+    required = parse_bool(ENV_REQUIRE_ROUTE, env.get(ENV_REQUIRE_ROUTE), default=False)
     if fail_open is None:
         fail_open = parse_bool(ENV_FAIL_OPEN, env.get(ENV_FAIL_OPEN), default=False)
+    if required and fail_open:
+        raise ValueError(
+            f"fail-open ({ENV_FAIL_OPEN} or fail_open=True) cannot be used with "
+            f"{ENV_REQUIRE_ROUTE}=true, which forbids sending a call past the proxy"
+        )
     return Route(
         tokenlay_key=tl_key,
         tokenlay_base_url=tl_base,
@@ -367,4 +410,5 @@ def client_route(
         fail_open=fail_open,
         endpoints=scope,
         allow_http_hosts=allow_http,
+        required=required,
     )

@@ -26,6 +26,7 @@ from ._config import (
     Settings,
 )
 from ._pricing import warm_up
+from ._protocol import display_url
 from ._routing import Unroutable, describe_scope
 from ._safety import log, redact_openai_debug_logs
 from ._state import build_telemetry, install_telemetry, uninstall_telemetry
@@ -63,7 +64,7 @@ def _announce(settings: Settings, problems: tuple[str, ...]) -> Unroutable | Non
             "tokenlay_otel: instrumented openai; routing %s through %s, other endpoints go "
             "to the provider directly%s",
             describe_scope(settings.route_endpoints),
-            settings.tokenlay_base_url,
+            display_url(settings.tokenlay_base_url),
             " (fail-open)" if settings.fail_open else "",
         )
         return None
@@ -108,7 +109,12 @@ class TokenlayInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # untyped b
         settings: Settings | None = kwargs.get("settings")
         problems: tuple[str, ...] = ()
         if settings is None:
-            settings, problems = Settings.read_env()
+            try:
+                settings, problems = Settings.read_env()
+            except Exception:  # a bug of ours: trace with the defaults rather than not at all
+                log.error("tokenlay_otel: could not read the settings; using the defaults",
+                          exc_info=True)  # fmt: skip
+                settings = Settings(tokenlay_key=None)
         telemetry = build_telemetry(
             settings, kwargs.get("tracer_provider"), kwargs.get("meter_provider")
         )

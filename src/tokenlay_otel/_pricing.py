@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from ._attributes import Usage
 from ._fork import renew_after_fork
+from ._protocol import MAX_REPORTED_COST_USD
 from ._safety import log
 
 __all__ = ["CostSource", "ModelRates", "PriceBook", "load_price_overrides", "warm_up"]
@@ -51,10 +52,14 @@ def _rate(entry: Mapping[str, Any], key: str, *, source: str, model: str) -> flo
     value = entry.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= _MAX_RATE  # NaN fails both comparisons
+    ):
         raise ValueError(
-            f"{source}: model {model!r}: {key!r} must be a non-negative number of USD per "
-            f"1M tokens, got {value!r}"
+            f"{source}: model {model!r}: {key!r} must be a number of USD per 1M tokens "
+            f"from 0 to {_MAX_RATE:g}, got {str(value)[:40]}"
         )
     return float(value) / _PER_MILLION
 
@@ -86,8 +91,10 @@ def load_price_overrides(path: str | Path) -> dict[str, ModelRates]:
             data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{source}: not valid JSON: {exc}") from None
-    except ValueError:
-        raise
+    except ValueError as exc:  # ours, or the parser's (a number with thousands of digits)
+        if str(exc).startswith(source):
+            raise
+        raise ValueError(f"{source}: {exc}") from None
     except Exception as exc:  # yaml.YAMLError and friends
         raise ValueError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -163,6 +170,8 @@ def _genai_rates(model: str, provider_url: str | None) -> ModelRates | _TieredRa
 
 
 _MAX_CACHED = 10_000
+#: The highest rate a prices file may give, USD per 1M tokens.
+_MAX_RATE = 1_000_000
 
 
 class PriceBook:
@@ -204,7 +213,10 @@ class PriceBook:
             if model:
                 rates = self.rates(model, provider_url)
                 if rates is not None:
-                    return rates.cost(usage)
+                    cost = rates.cost(usage)
+                    # A cost no call can have is not reported (it would swamp sums).
+                    ok = cost is not None and 0 <= cost <= MAX_REPORTED_COST_USD
+                    return cost if ok else None
         return None
 
 

@@ -9,8 +9,10 @@ the set with path prefixes, or to every endpoint.
 from __future__ import annotations
 
 import functools
+import posixpath
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from openai import OpenAIError
 
@@ -88,15 +90,28 @@ def describe_scope(scope: RouteScope) -> str:
     return "; ".join(parts)
 
 
+def _sent_path(url: str) -> str:
+    """The path a request reaches, as httpx will send it, without ``/`` at its ends and
+    without a leading ``v1/``: an absolute URL's path, without the query, fragment or
+    ``;params``, dot segments resolved. Told apart only by the path httpx sends, a
+    metered call cannot pass for another (``/x/../chat/completions``)."""
+    parts = urlsplit(url)
+    path = parts.path.split(";", 1)[0]
+    if path:
+        path = posixpath.normpath("/" + path)
+    path = path.strip("/")
+    while path.startswith("v1/") or path == "v1":
+        path = path[3:]
+    return path
+
+
 @functools.lru_cache(maxsize=2048)
 def routes(scope: RouteScope, method: str, url: str) -> bool:
     """Whether a request (openai's relative ``url``, e.g. ``/chat/completions``) is routed.
 
     Cached: a process calls a handful of paths (ids in paths make a few more).
     """
-    path = url.split("?", 1)[0].strip("/")
-    if path.startswith("v1/"):
-        path = path[3:]
+    path = _sent_path(url)
     for word in scope:
         if word == _ALL_WORD:
             return True

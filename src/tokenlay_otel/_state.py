@@ -36,7 +36,7 @@ def build_telemetry(
         return Telemetry.create(
             settings=settings, tracer_provider=tracer_provider, meter_provider=meter_provider
         )
-    except ValueError as exc:
+    except Exception as exc:  # a prices file is outside data: whatever it holds, go on
         log.error("tokenlay_otel: %s; pricing with the built-in prices only", exc)
     return Telemetry.create(
         settings=dataclasses.replace(settings, prices_file=None),

@@ -8,10 +8,10 @@ through. They differ only by ``await``; everything else is in :class:`_Call`.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 from openai import APIConnectionError, Omit
 
@@ -22,6 +22,7 @@ from ._protocol import (
     HEADER_PREFIX,
     build_request_headers,
     check_url_security,
+    display_url,
     parse_response_headers,
     proxy_url,
     sanitize_metadata,
@@ -59,18 +60,18 @@ class _Request:
         self.fallback: tuple[tuple[Any, ...], dict[str, Any]] | None = None
 
     def bypass(self, exc: BaseException) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        """The call as the caller made it, if the proxy was unreachable and fail-open is on.
+        """The call as the caller made it, if the proxy was never reached and fail-open
+        is on.
 
-        Only connection errors and timeouts qualify: an HTTP answer from the proxy (a
-        block, a 5xx) is never bypassed.
+        Only a failure to connect qualifies. A proxy that took the request and then
+        timed out may have forwarded it: sending it again would bill it twice, once
+        past spend control. An HTTP answer from the proxy (a block, a 5xx) never does.
         """
-        if self.fallback is None or not isinstance(exc, APIConnectionError):
+        if self.fallback is None or not _never_reached(exc):
             return None
-        log.warning(
-            "tokenlay_otel: the Tokenlay proxy at %s could not be reached (%s); fail-open "
-            "sends this call straight to the provider",
-            _shown(self.proxy),
-            type(exc).__name__,
+        _say_once_a_minute(
+            f"the Tokenlay proxy at {display_url(self.proxy)} could not be reached "
+            f"({_cause(exc)}); fail-open sends calls straight to the provider"
         )
         self.hide_usage = False  # the caller's options go as they were
         self.http_response = None
@@ -87,13 +88,12 @@ class _Request:
 
     def failed(self, exc: BaseException) -> None:
         if self.proxy is not None and isinstance(exc, APIConnectionError):
-            # openai says only "Connection error.": name the proxy as what was not reached.
-            shown = _shown(self.proxy)
-            log.warning(
-                "tokenlay_otel: the Tokenlay proxy at %s could not be reached (%s); the call "
-                "failed. Check TOKENLAY_BASE_URL and that the proxy is up",
-                shown,
-                type(exc.__cause__ or exc).__name__,
+            # openai says only "Connection error.": name the proxy and what went wrong.
+            shown = display_url(self.proxy)
+            what = "could not be reached" if _never_reached(exc) else "did not answer"
+            _say_once_a_minute(
+                f"the Tokenlay proxy at {shown} {what} ({_cause(exc)}); calls fail. "
+                "Check TOKENLAY_BASE_URL and that the proxy is up"
             )
             if self.llm is not None and self.llm.span is not None:
                 try:
@@ -121,17 +121,28 @@ class _Request:
         return result
 
 
-def _shown(url: str | None) -> str:
-    """A URL as it may be logged: without any user or password in it."""
-    parts = urlsplit(url or "")
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        port = ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+# httpx's (and httpx2's) errors for a connection that was never made.
+_CONNECT_FAILURES = frozenset({"ConnectError", "ConnectTimeout"})
+_said: dict[str, float] = {}
+
+
+def _cause(exc: BaseException) -> str:
+    return type(exc.__cause__ or exc).__name__
+
+
+def _never_reached(exc: BaseException) -> bool:
+    """Whether openai's connection error means the request never left this process."""
+    return isinstance(exc, APIConnectionError) and _cause(exc) in _CONNECT_FAILURES
+
+
+def _say_once_a_minute(message: str) -> None:
+    # An outage fails every call: one line a minute says it, thousands would bury it.
+    now = time.monotonic()
+    if now - _said.get(message, -60.0) >= 60.0:
+        if len(_said) > 256:
+            _said.clear()
+        _said[message] = now
+        log.warning("tokenlay_otel: %s", message)
 
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, bool]:
@@ -349,9 +360,10 @@ def _provider_base_refusal(base: str, allow_http_hosts: frozenset[str]) -> str |
     try:
         check_url_security(
             base,
-            what=f"the openai client's base URL {base!r}",
+            what=f"the openai client's base URL {display_url(base)!r}",
             allow_http_hosts=allow_http_hosts,
             allow_variable=ENV_ALLOW_HTTP_HOSTS,
+            bare=True,
         )
     except ValueError as exc:
         return str(exc)

@@ -72,6 +72,8 @@ class ProxyConfig:
     body_timeout_s: float = 30.0
     #: The largest body of any other call (a file, audio...), streamed upstream as it comes.
     max_upload_bytes: int = 512 * 1024 * 1024
+    #: The time such an upload may take in all.
+    upload_timeout_s: float = 600.0
     #: A concurrency slot's lease; renewed every third of it while the call runs.
     lease_s: float = 60.0
     #: How long, and how many at once, streams the client left are read on for usage.
@@ -251,6 +253,13 @@ class Gateway:
         except ValueError as exc:
             raise _Refused(400, f"metadata header {exc}", "invalid_metadata") from None
         endpoint = metered_endpoint(method, base, suffix)
+        if endpoint is None and _disguised(method, base, suffix):
+            # Upstreams that drop ';params' or ignore case would serve it unmetered.
+            raise _Refused(
+                400,
+                f"the path {path!r} names a metered endpoint in another spelling; "
+                "send it as it is documented (e.g. /v1/chat/completions)",
+            )
         body: bytes | None = None  # a pass-through POST body is streamed by the call
         if endpoint is not None or method != "POST":
             body = await self._body(receive, headers)
@@ -356,10 +365,21 @@ def metered_endpoint(method: str, base: str, suffix: str) -> str | None:
     return None
 
 
+def _disguised(method: str, base: str, suffix: str) -> bool:
+    """Whether a path that is not a metered endpoint reads as one once lower-cased and
+    stripped of ``;params`` (the ways servers differ in reading a path)."""
+    if method != "POST":
+        return False
+    path = "/".join(s.split(";", 1)[0] for s in (urlsplit(base).path + suffix).lower().split("/"))
+    return metered_endpoint(method, "", path) is not None
+
+
 def _forwarded(headers: dict[bytes, bytes], *, streamed: bool) -> dict[str, str]:
     out = {k.decode(): v.decode("latin-1") for k, v in headers.items() if k in _FORWARDED}
     declared = _declared(headers)
-    if streamed and declared:
+    # With transfer-encoding too, the server framed the body by its chunks: the length
+    # the client announced is not what will be sent.
+    if streamed and declared and b"transfer-encoding" not in headers:
         # The server framed the body by it, so it is exact; upstream then gets a sized
         # upload rather than a chunked one, which some providers refuse.
         out["content-length"] = str(declared)

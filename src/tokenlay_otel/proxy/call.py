@@ -266,12 +266,17 @@ class Call(Responder):
     async def _upload(self) -> AsyncIterator[bytes]:
         """A pass-through body, streamed upstream as the client sends it (bounded)."""
         config, size = self.gw.config, 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.upload_timeout_s
         while True:
             try:
-                async with asyncio.timeout(config.body_timeout_s):
+                # A pause is bounded, and so is the whole: a byte a second never ends.
+                async with asyncio.timeout_at(min(deadline, loop.time() + config.body_timeout_s)):
                     message = await self.receive()
             except TimeoutError:
-                raise UploadStopped(408, "the request body paused too long") from None
+                late = loop.time() >= deadline
+                reason = f"took over {config.upload_timeout_s:g} s" if late else "paused too long"
+                raise UploadStopped(408, f"the request body {reason}") from None
             if message["type"] == "http.disconnect":
                 self.gone = True
                 raise UploadStopped(499, "the client left during its upload")
@@ -342,7 +347,9 @@ class Call(Responder):
         _log.info("an upload stopped: %s", stop.message)
         if not self.gone:
             code = "body_too_large" if stop.status == 413 else None
-            await self._send_error(stop.status, stop.message, code, headers)
+            await self._send_error(
+                stop.status, stop.message, code, headers, kind="invalid_request_error"
+            )
 
     async def _unreachable(self, exc: httpx2.HTTPError, headers: dict[str, str]) -> None:
         host = self.incoming.base.split("/")[2]

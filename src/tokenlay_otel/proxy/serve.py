@@ -181,6 +181,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     gateway.add_argument(
+        "--upload-timeout",
+        type=_positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="time such an upload may take in all (default: %(default)s)",
+    )
+    gateway.add_argument(
         "--upstream-timeout",
         type=_positive_float,
         default=600.0,
@@ -254,6 +261,7 @@ def gateway_options(
         "max_body_bytes": args.max_body_bytes,
         "body_timeout_s": args.body_timeout,
         "max_upload_bytes": args.max_upload_bytes,
+        "upload_timeout_s": args.upload_timeout,
         "upstream_timeout_s": args.upstream_timeout,
         "lease_s": args.lease_seconds,
         "drain_timeout_s": args.drain_timeout,
