@@ -46,6 +46,9 @@ def test_opentelemetry_instrument_routes_and_traces(
         "TOKENLAY_KEY": TOKENLAY_KEY,
         "TOKENLAY_BASE_URL": server.url,
         "OTEL_SERVICE_NAME": "auto-test",
+        # Ours alone: the other openai instrumentations the dev extra installs load under
+        # this entry-point name (tests/test_coexistence.py runs beside them).
+        "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "openai",
     }
     command = Path(sys.executable).parent / "opentelemetry-instrument"
     result = subprocess.run(
