@@ -41,7 +41,9 @@ def _run(script: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(command), "--traces_exporter", "console", "--metrics_exporter", "none",
          "--logs_exporter", "none", sys.executable, str(script)],
-        env={**os.environ, **env},
+        # Ours alone: the other openai instrumentations the dev extra installs load under
+        # the entry-point name openai (tests/test_coexistence.py runs beside them).
+        env={**os.environ, "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "openai", **env},
         capture_output=True,
         text=True,
         timeout=60,

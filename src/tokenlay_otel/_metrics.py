@@ -34,8 +34,11 @@ from ._version import __version__
 
 __all__ = [
     "DURATION_BUCKETS",
+    "DURATION_METRIC",
+    "FIRST_CHUNK_METRIC",
     "REQUESTS",
     "TOKEN_BUCKETS",
+    "USAGE_METRIC",
     "CallMeasurements",
     "MetricRecorder",
     "RequestCounts",
@@ -48,6 +51,11 @@ DURATION_BUCKETS = (
 TOKEN_BUCKETS = (
     1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
 )  # fmt: skip
+
+#: The GenAI convention histograms; another openai instrumentation records them too.
+DURATION_METRIC = "gen_ai.client.operation.duration"
+USAGE_METRIC = "gen_ai.client.token.usage"
+FIRST_CHUNK_METRIC = "gen_ai.client.operation.time_to_first_chunk"
 
 OTHER = "_other"
 USAGE_TYPE = "gen_ai.token.type"  # input or output, on token.usage points
@@ -98,6 +106,9 @@ class CallMeasurements:
     routed: bool
     model_shifted: bool = False
     bypassed: bool = False
+    #: The ``gen_ai.client.*`` histograms another instrumentation records for this call
+    #: (see ``_coexist``): left out here so no call is counted twice.
+    recorded_elsewhere: frozenset[str] = frozenset()
 
 
 class _AttributeSets(NamedTuple):
@@ -196,19 +207,19 @@ class MetricRecorder:
         )
         self._sets: dict[tuple[object, ...], _AttributeSets] = {}
         self.duration = meter.create_histogram(
-            "gen_ai.client.operation.duration",
+            DURATION_METRIC,
             unit="s",
             description="GenAI operation duration",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
         self.tokens = meter.create_histogram(
-            "gen_ai.client.token.usage",
+            USAGE_METRIC,
             unit="{token}",
             description="Number of input and output tokens used",
             explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
         )
         self.time_to_first_chunk = meter.create_histogram(
-            "gen_ai.client.operation.time_to_first_chunk",
+            FIRST_CHUNK_METRIC,
             unit="s",
             description="Time to receive the first chunk of a streamed response",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
@@ -236,16 +247,19 @@ class MetricRecorder:
 
     def record(self, m: CallMeasurements, context: Context | None) -> None:
         sets = self._attribute_sets(m)
+        elsewhere = m.recorded_elsewhere
         # Recorded in the LLM span's context: the SDK's trace-based exemplars then link
         # the points to the span (and the SDK takes its fastest path with a context).
-        self.duration.record(m.duration_s, sets.common, context=context)
-        if m.input_tokens is not None:
-            self.tokens.record(m.input_tokens, sets.input_tokens, context=context)
-        if m.output_tokens is not None:
-            self.tokens.record(m.output_tokens, sets.output_tokens, context=context)
+        if DURATION_METRIC not in elsewhere:
+            self.duration.record(m.duration_s, sets.common, context=context)
+        if USAGE_METRIC not in elsewhere:
+            if m.input_tokens is not None:
+                self.tokens.record(m.input_tokens, sets.input_tokens, context=context)
+            if m.output_tokens is not None:
+                self.tokens.record(m.output_tokens, sets.output_tokens, context=context)
         if m.cached_input_tokens:
             self.cached_tokens.add(m.cached_input_tokens, sets.common, context=context)
-        if m.time_to_first_chunk_s is not None:
+        if m.time_to_first_chunk_s is not None and FIRST_CHUNK_METRIC not in elsewhere:
             self.time_to_first_chunk.record(m.time_to_first_chunk_s, sets.common, context=context)
         self._count_request(sets, context)
         if m.cost is not None:

@@ -95,6 +95,9 @@ class _StreamState:
         if isinstance(event_type, str):  # Responses API event
             if event_type in _STREAM_END_EVENTS:
                 self.final_response = fields.get("response")
+                # The answer is whole: end the call before this event goes up, where an
+                # instrumentation above us may end its span on seeing it (see _coexist).
+                self._end_call(None)
             return False
         if self.response_id is None or self.model is None:
             self._name_response(fields)
@@ -158,11 +161,17 @@ class _StreamState:
 
     def on_end(self, error: BaseException | None, result: object) -> None:
         """The stream is over (exhausted, failed, closed or abandoned)."""
-        if self.call.ended:
-            return
+        if not self.call.ended:
+            self._end_call(error)
+        elif self.final_response is None:
+            return  # ended and remembered before (closed twice)
+        final = self.final_response
+        usage = self.usage if final is None else A.usage_of(getattr(final, "usage", None))
+        remember(result, _with_usage(self.meta, usage))
+
+    def _end_call(self, error: BaseException | None) -> None:
         if self.final_response is not None:
             self.call.end(response=self.final_response, meta=self.meta, error=error)
-            usage = A.usage_of(getattr(self.final_response, "usage", None))
         else:
             attrs: dict[str, Any] = {}
             if isinstance(self.response_id, str):
@@ -178,11 +187,9 @@ class _StreamState:
             output = None
             if self.texts is not None and (self.texts or self.reasons):
                 output = stream_output_messages(self.texts, self.reasons)
-            usage = self.usage
             self.call.end(
-                response_attrs=attrs, usage=usage, meta=self.meta, output=output, error=error
+                response_attrs=attrs, usage=self.usage, meta=self.meta, output=output, error=error
             )
-        remember(result, _with_usage(self.meta, usage))
 
 
 def _text(value: object) -> str | None:

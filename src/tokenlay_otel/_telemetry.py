@@ -17,6 +17,7 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from . import _attributes as A
+from ._coexist import shared_call, their_share
 from ._config import Settings
 from ._content import input_messages, output_messages
 from ._metrics import CallMeasurements, MetricRecorder
@@ -66,12 +67,19 @@ class Telemetry:
 
 
 class LLMCall:
-    """One LLM operation: its span, attribution and what the proxy said."""
+    """One LLM operation: its span, attribution and what the proxy said.
+
+    When another openai instrumentation traces the same call (see ``_coexist``), its
+    span is the call's one LLM span: ours is not started, our attributes go on theirs,
+    and the ``gen_ai.client.*`` histograms it records are left to it.
+    """
 
     __slots__ = (
         "_context",
         "_context_token",
         "_ended",
+        "_owned",
+        "_recorded_elsewhere",
         "_start",
         "body",
         "bypassed",
@@ -113,6 +121,9 @@ class LLMCall:
         self._context: otel_context.Context | None = None
         self._context_token: object = None
         self._ended = False
+        #: Whether ``span`` is ours to end (not another instrumentation's).
+        self._owned = True
+        self._recorded_elsewhere: frozenset[str] = frozenset()
         self._start = 0.0
 
     @property
@@ -129,6 +140,12 @@ class LLMCall:
             content = input_messages(self.body)
             if content:
                 attrs[A.INPUT_MESSAGES] = content
+        shared = shared_call(self.endpoint, self.body)
+        if shared is not None:
+            self._recorded_elsewhere = shared.recorded
+            if shared.span is not None:
+                self._share(shared.span, attrs)
+                return
         model = self.request_model
         name = f"{self.endpoint.operation} {model}" if model else self.endpoint.operation
         self._start = time.perf_counter()
@@ -136,6 +153,14 @@ class LLMCall:
         # Kept for the metric records too: they carry it so exemplars link to the span.
         self._context = trace.set_span_in_context(self.span)
         self._context_token = otel_context.attach(self._context)
+
+    def _share(self, span: Span, attrs: dict[str, Any]) -> None:
+        """Record this call on another instrumentation's span, already current."""
+        self._start = time.perf_counter()
+        self.span = span
+        self._owned = False
+        span.set_attributes(their_share(span, attrs))
+        self._context = trace.set_span_in_context(span)
 
     def trace_headers(self) -> dict[str, str]:
         """``traceparent``/``baggage`` of the span, for the proxy to join the trace."""
@@ -150,7 +175,14 @@ class LLMCall:
 
     def proxy_metadata(self) -> TokenlayResponseMetadata | None:
         headers = getattr(self.http_response, "headers", None)
-        return None if headers is None else parse_response_headers(headers)
+        meta = None if headers is None else parse_response_headers(headers)
+        span = self.span
+        if meta is not None and not self._owned and span is not None and span.is_recording():
+            # Their span may end before ours would (a stream they finish first): what
+            # the proxy said goes on it as soon as it is known.
+            with guard("recording the proxy's answer"):
+                span.set_attributes(A.tokenlay_response_attributes(meta))
+        return meta
 
     def mark_first_chunk(self) -> None:
         if self.first_chunk_at is None:
@@ -193,7 +225,8 @@ class LLMCall:
                 attrs.update(response_attrs)
             self._finish(span, attrs, usage, meta, output, error)
         finally:
-            span.end()
+            if self._owned:
+                span.end()
 
     def _finish(
         self,
@@ -236,7 +269,7 @@ class LLMCall:
                 # The exception's message is left out on purpose: provider error texts
                 # can quote request data.
                 span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-            span.set_attributes(attrs)
+            span.set_attributes(attrs if self._owned else their_share(span, attrs))
         self.telemetry.metrics.record(
             CallMeasurements(
                 operation=self.endpoint.operation,
@@ -256,6 +289,7 @@ class LLMCall:
                 routed=self.routed and not self.bypassed,
                 model_shifted=bool(shifted),
                 bypassed=self.bypassed,
+                recorded_elsewhere=self._recorded_elsewhere,
             ),
             self._context,
         )

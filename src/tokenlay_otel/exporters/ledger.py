@@ -138,7 +138,10 @@ def _encodable(text: str) -> bool:
 
 
 def row_of(span: ReadableSpan) -> tuple[Any, ...] | None:
-    """The ledger row of an LLM span of ours, or ``None`` for any other span.
+    """The ledger row of an LLM span we recorded, or ``None`` for any other span.
+
+    Ours, or another openai instrumentation's span that carries our attributes (see
+    ``_coexist``; we set ``tokenlay.routed`` on every LLM span we record).
 
     A value SQLite cannot store, or that is out of range, is left out (``NULL``).
     """
@@ -149,7 +152,8 @@ def row_of(span: ReadableSpan) -> tuple[Any, ...] | None:
 def _values_of(span: ReadableSpan) -> dict[str, Any] | None:
     scope = span.instrumentation_scope
     attrs = span.attributes or {}
-    if scope is None or scope.name != _SCOPE or "gen_ai.operation.name" not in attrs:
+    ours = scope is not None and scope.name == _SCOPE
+    if "gen_ai.operation.name" not in attrs or not (ours or "tokenlay.routed" in attrs):
         return None
     context = span.get_span_context()
     custom = {
