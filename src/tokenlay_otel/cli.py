@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from ._protocol import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS
+from ._version import __version__
 from .exporters.ledger import DEFAULT_LEDGER_PATH, ENV_LEDGER_PATH, connect
 
 __all__ = ["main", "spend_report"]
@@ -155,21 +156,50 @@ def _spend(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenlay-otel", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    spend = commands.add_parser("spend", help="spend by org, user, model, ... from the ledger")
-    spend.add_argument("--by", choices=sorted(_GROUPS), default="org")
-    spend.add_argument("--since", type=parse_since, default="24h", help="e.g. 24h, 7d, all")
+    # Plain text here: the module docstring's reST markup would show as is in --help.
+    parser = argparse.ArgumentParser(
+        prog="tokenlay-otel",
+        description="Spend reports from the tokenlay_ledger exporter's ledger, and the "
+        "local Tokenlay-compatible proxy.",
+        epilog="'tokenlay-otel COMMAND --help' lists a command's flags.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    spend = commands.add_parser(
+        "spend",
+        help="spend by org, user, model, ... from the ledger",
+        description="Requests, errors, tokens and cost from the spend ledger, grouped by "
+        "one field, the highest cost first, with a TOTAL row.",
+    )
+    spend.add_argument(
+        "--by", choices=sorted(_GROUPS), default="org", help="group by (default: %(default)s)"
+    )
+    spend.add_argument(
+        "--since",
+        type=parse_since,
+        default="24h",
+        help="calls since this long ago: 90s, 30m, 24h, 7d, 2w, or all (default: %(default)s)",
+    )
     spend.add_argument(
         "--db",
         default=os.environ.get(ENV_LEDGER_PATH) or DEFAULT_LEDGER_PATH,
         help=f"ledger file (default: ${ENV_LEDGER_PATH} or ./{DEFAULT_LEDGER_PATH})",
     )
-    spend.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    spend.add_argument(
+        "--format",
+        choices=("table", "json", "csv"),
+        default="table",
+        help="output format (default: %(default)s)",
+    )
     spend.set_defaults(run=_spend)
     from .proxy.serve import add_arguments, run
 
-    proxy = commands.add_parser("proxy", help="run the local Tokenlay-compatible proxy")
+    proxy = commands.add_parser(
+        "proxy",
+        help="run the local Tokenlay-compatible proxy",
+        description="Serve the Tokenlay-compatible gateway: rules, limits, usage "
+        "accounting, OpenTelemetry; --mock-upstream answers offline.",
+    )
     add_arguments(proxy)
     proxy.set_defaults(run=lambda args, out: run(args))
     return parser
