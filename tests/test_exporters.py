@@ -209,8 +209,10 @@ def test_spend_table_and_csv(
     assert lines[-1].split()[:2] == ["TOTAL", "6"]
     out = io.StringIO()
     cli(["spend", "--db", str(path), "--by", "model", "--format", "csv"], out=out)
-    parsed = list(csv.DictReader(io.StringIO(out.getvalue())))
+    *parsed, total = csv.DictReader(io.StringIO(out.getvalue()))
     assert {row["model"] for row in parsed} == {"gpt-4o", "gpt-4o-mini", "unknown-model-x"}
+    assert total["model"] == "TOTAL"
+    assert total["requests"] == "6"
 
 
 def test_the_same_span_is_stored_once(tmp_path: Path, telemetry: SpanCapture) -> None:
@@ -309,6 +311,99 @@ def test_opentelemetry_instrument_with_the_ledger(server: FakeOpenAIServer, tmp_
     (row,) = json.loads(out.getvalue())["rows"]
     assert row["key"] == "zero-code"
     assert row["cost_usd"] == pytest.approx(12 * 2.5e-6 + 7 * 10e-6)
+
+
+def test_spend_on_a_missing_ledger_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "no-such-folder" / "ledger.db"
+    assert cli(["spend", "--db", str(path)], out=io.StringIO()) == 1
+    assert f"no spend ledger at {path}" in capsys.readouterr().err
+    assert not path.parent.exists()  # nothing created on the way
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenlay_otel.cli", "spend", "--db", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert str(path) in result.stderr
+    assert not path.parent.exists()
+
+
+def test_spend_on_a_file_that_is_not_a_ledger(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database at all, but long enough to be read as a header " * 4)
+    for path in (other, text):
+        before = path.read_bytes()
+        assert cli(["spend", "--db", str(path)], out=io.StringIO()) == 1
+        assert f"{path} is not a spend ledger" in capsys.readouterr().err
+        assert path.read_bytes() == before  # no table added to someone else's file
+
+
+def test_spend_shows_small_costs_and_no_float_noise(tmp_path: Path) -> None:
+    from .test_hostile_answers import write_ledger
+
+    path = tmp_path / "ledger.db"
+    write_ledger(
+        path,
+        [
+            ("tiny", 1, 0, 4e-7),  # one token of a cheap model
+            ("tinier", 1, 0, 2.5e-8),
+            ("tenths", 1, 1, 0.1),
+            ("tenths", 1, 1, 0.2),  # 0.1 + 0.2 is 0.30000000000000004 in floats
+            ("unpriced", 1, 1, None),
+        ],
+    )
+
+    def spend(*args: str) -> str:
+        out = io.StringIO()
+        assert cli(["spend", "--db", str(path), "--by", "user", "--since", "all", *args], out) == 0
+        return out.getvalue()
+
+    # The table: one number of decimals, three significant digits of the smallest cost.
+    table = {line.split()[0]: line.split() for line in spend().splitlines()}
+    cost = table["user"].index("cost_usd")
+    assert {name: table[name][cost] for name in ("tiny", "tinier", "tenths", "unpriced")} == {
+        "tiny": "0.0000004000",
+        "tinier": "0.0000000250",
+        "tenths": "0.3000000000",
+        "unpriced": "0.0000000000",
+    }
+    assert table["TOTAL"][cost] == "0.3000004250"
+
+    report = json.loads(spend("--format", "json"))
+    by_user = {row["key"]: row["cost_usd"] for row in report["rows"]}
+    assert by_user == {"tenths": 0.3, "tiny": 4e-7, "tinier": 2.5e-8, "unpriced": 0.0}
+    assert report["total"]["cost_usd"] == 0.300000425
+
+    rows = list(csv.reader(io.StringIO(spend("--format", "csv"))))
+    column = rows[0].index("cost_usd")
+    assert rows[1][0] == "tenths"
+    assert rows[1][column] == "0.3"
+    assert rows[-1][:2] == ["TOTAL", "5"]  # the TOTAL row, as in the table
+    assert rows[-1][column] == "0.300000425"
+    assert rows[-1][rows[0].index("unpriced")] == "1"
+
+
+def test_spend_table_with_a_cost_too_small_for_decimals(tmp_path: Path) -> None:
+    from .test_hostile_answers import write_ledger
+
+    path = tmp_path / "ledger.db"
+    write_ledger(path, [("dust", 1, 0, 3e-18), ("free", 1, 0, 0.0)])
+    out = io.StringIO()
+    cli(["spend", "--db", str(path), "--by", "user", "--since", "all"], out=out)
+    table = {line.split()[0]: line.split()[-2] for line in out.getvalue().splitlines()}
+    assert table["dust"] == "3e-18"
+    assert table["free"] == "0." + "0" * 15
 
 
 def test_since_parsing() -> None:
