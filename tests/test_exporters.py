@@ -97,6 +97,121 @@ def test_configure_rejects_unknown_exporters_listing_the_installed() -> None:
         configure(traces="none", metrics="nope")
 
 
+def test_configure_prometheus_serves_metrics_over_http(server: FakeOpenAIServer) -> None:
+    import urllib.request
+
+    from tokenlay_otel.proxy.local import free_port
+
+    port = free_port()
+    app = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(
+            """
+            import sys, openai
+            from tokenlay_otel import configure, metadata
+            configure(service_name="prom-app", traces="none", metrics="prometheus")
+            client = openai.OpenAI(api_key="sk-x", base_url=sys.argv[1] + "/v1")
+            with metadata(user="u1", org="o1"):
+                client.chat.completions.create(model="gpt-4o-mini", messages=[])
+            print("called", flush=True)
+            sys.stdin.read()  # serve /metrics until the test is done
+            """), server.url],
+        env={**os.environ, "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
+             "OTEL_EXPORTER_PROMETHEUS_PORT": str(port)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert app.stdout is not None
+        assert app.stdout.readline() == "called\n", app.communicate(timeout=30)[1]
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            scraped = answer.read().decode()
+    finally:
+        app.communicate(input="", timeout=30)
+    assert app.returncode == 0
+    samples = {
+        line.split("{")[0]: line for line in scraped.splitlines() if not line.startswith("#")
+    }
+    for name in (
+        "tokenlay_client_requests_total",
+        "tokenlay_client_cost_USD_total",
+        "gen_ai_client_token_usage_count",
+        "gen_ai_client_operation_duration_seconds_count",
+    ):
+        assert name in samples, name
+    requests = samples["tokenlay_client_requests_total"]
+    assert 'tokenlay_user="u1"' in requests and 'tokenlay_org="o1"' in requests
+    assert requests.endswith(" 1.0")
+
+
+def test_configure_names_the_package_of_a_missing_exporter(tmp_path: Path) -> None:
+    """Without opentelemetry-exporter-prometheus installed, the error says what to install.
+
+    The package is hidden for real: the child sees the site-packages folder without
+    that distribution (no site module; a folder of links to everything else).
+    """
+    import site
+
+    site_packages = next(
+        p for p in map(Path, site.getsitepackages()) if (p / "opentelemetry").is_dir()
+    )
+    visible = tmp_path / "site-packages"
+    visible.mkdir()
+    for entry in site_packages.iterdir():
+        if not entry.name.lower().startswith("opentelemetry_exporter_prometheus"):
+            (visible / entry.name).symlink_to(entry)
+    src = Path(__file__).parent.parent / "src"
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", textwrap.dedent(
+            """
+            from importlib.metadata import entry_points
+            assert not entry_points(group="opentelemetry_metrics_exporter", name="prometheus")
+            from tokenlay_otel import configure
+            try:
+                configure(traces="none", metrics="prometheus")
+            except ValueError as exc:
+                print(exc)
+            """)],
+        env={**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{visible}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'tokenlay-otel[prometheus]'" in result.stdout
+    assert "opentelemetry-exporter-prometheus" in result.stdout
+    assert "installed: " in result.stdout and "console" in result.stdout
+
+
+def test_configure_says_which_exporter_could_not_listen() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_python(
+            """
+            from opentelemetry import trace
+            from tokenlay_otel import configure
+            try:
+                configure(traces="console", metrics="prometheus")
+            except OSError as exc:
+                print(exc)
+            # Nothing global was installed before the failure.
+            print(type(trace.get_tracer_provider()).__name__)
+            """,
+            {"OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
+             "OTEL_EXPORTER_PROMETHEUS_PORT": str(taken.getsockname()[1])},
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("metrics exporter 'prometheus' could not start:")
+    assert lines[1] == "ProxyTracerProvider"
+
+
 def test_configure_reads_the_standard_env_vars(server: FakeOpenAIServer, tmp_path: Path) -> None:
     ledger = tmp_path / "ledger.db"
     result = run_python(
