@@ -201,3 +201,33 @@ def test_compose_and_provisioning_files_are_consistent() -> None:
         board = json.loads(path.read_text())
         for panel in board["panels"]:
             assert panel["datasource"]["uid"] in uids
+
+
+def test_the_stack_readme_routes_apps_through_the_compose_proxy() -> None:
+    """The settings deploy/grafana/README.md gives an app, host and container, route to
+    the compose proxy; the container's need TOKENLAY_ALLOW_HTTP_HOSTS to."""
+    text = (STACK / "README.md").read_text()
+    host_env = dict(
+        re.findall(r"(\w+)=(\S+)", re.search(r"```bash\nexport TOKENLAY_BASE_URL.*?```",
+                                             text, re.S).group())  # type: ignore[union-attr]
+    )  # fmt: skip
+    snippet = re.search(r"```yaml\n(  my-app:.*?)```", text, re.S)
+    assert snippet
+    service = yaml.safe_load(snippet.group(1))["my-app"]
+    compose = yaml.safe_load((STACK / "docker-compose.yaml").read_text())
+    proxy = compose["services"]["tokenlay-proxy"]
+    assert set(service["depends_on"]) <= set(compose["services"])
+    assert f"{compose['name']}_default" in text  # the network another project joins
+    for env, url in ((host_env, "http://localhost:8787"),
+                     (service["environment"], "http://tokenlay-proxy:8787")):  # fmt: skip
+        assert env["TOKENLAY_KEY"] in proxy["environment"]["TOKENLAY_PROXY_KEYS"].split(",")
+        assert env["TOKENLAY_BASE_URL"].endswith(":8787") and "--port=8787" in proxy["command"]
+        settings, problems = Settings.read_env(env)
+        assert problems == ()
+        route = settings.instrumented_route()
+        assert route is not None and route.tokenlay_base_url == url
+
+    without = {k: v for k, v in service["environment"].items() if k != "TOKENLAY_ALLOW_HTTP_HOSTS"}
+    settings, problems = Settings.read_env(without)
+    assert settings.instrumented_route() is None
+    assert "TOKENLAY_ALLOW_HTTP_HOSTS=tokenlay-proxy" in problems[0]
