@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,17 +16,21 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 def run(name: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """The example's output; it must succeed and leave its temporary folder empty."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENLAY_", "OTEL_"))}
     clean.pop("TOKENLAY_OTEL_RAISE_INTERNAL_ERRORS", None)
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / name / "main.py"), *args],
-        env={**clean, "TOKENLAY_OTEL_RAISE_INTERNAL_ERRORS": "1", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
+    with tempfile.TemporaryDirectory() as scratch:
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLES / name / "main.py"), *args],
+            env={**clean, "TOKENLAY_OTEL_RAISE_INTERNAL_ERRORS": "1", "TMPDIR": scratch,
+                 **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
+        assert os.listdir(scratch) == [], f"{name} left temporary files behind"
     return result.stdout
 
 
@@ -47,6 +52,13 @@ def test_demo() -> None:
     total = [line for line in out.splitlines() if line.startswith("TOTAL")]
     assert len(total) == 2
     assert total[0].split()[1] == "18"  # 18 calls in the ledger
+
+
+def test_demo_keeps_the_ledger_it_is_given(tmp_path: Path) -> None:
+    ledger = tmp_path / "spend.db"
+    out = run("demo", "--ledger", str(ledger))
+    assert f"Try: tokenlay-otel spend --db {ledger} --by model --format json" in out
+    assert ledger.is_file()
 
 
 def test_quickstart() -> None:
