@@ -4,9 +4,11 @@ labels that the SDK and the proxy really emit (checked on a live Prometheus scra
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import re
+import shutil
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -144,15 +146,54 @@ def test_the_queries_cover_what_the_issue_asks_for() -> None:
     assert latency and all(t["exemplar"] for t in latency[0]["targets"])
 
 
+def build(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(STACK / "build_dashboards.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_dashboards_are_up_to_date_with_their_generator() -> None:
-    spec = importlib.util.spec_from_file_location("build_dashboards", STACK / "build_dashboards.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rendered = module.render()
-    assert sorted(rendered) == [p.name for p in DASHBOARDS]
+    result = build("--check")
+    assert result.returncode == 0, result.stderr
+    assert f"{len(DASHBOARDS)} dashboards up to date" in result.stdout
+
+
+def test_check_names_each_file_that_differs(tmp_path: Path) -> None:
     for path in DASHBOARDS:
-        assert path.read_text() == rendered[path.name], f"run build_dashboards.py ({path.name})"
+        shutil.copy(path, tmp_path / path.name)
+    assert build("--check", "--out", str(tmp_path)).returncode == 0
+    edited, removed = tmp_path / DASHBOARDS[0].name, tmp_path / DASHBOARDS[1].name
+    edited.write_text(edited.read_text().replace("p95", "p96"))
+    removed.unlink()
+    (tmp_path / "stray.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    result = build("--check", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[:3] == [
+        f"out of date: {edited}",
+        f"missing: {removed}",
+        f"not built by this script: {tmp_path / 'stray.json'}",
+    ]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # wrote nothing
+
+    assert build("--out", str(tmp_path)).returncode == 0  # rebuilds; the stray file stays
+    assert build("--check", "--out", str(tmp_path)).stderr.splitlines() == [
+        f"not built by this script: {tmp_path / 'stray.json'}",
+        "run: python build_dashboards.py to rebuild them",
+    ]
+
+
+def test_help_writes_nothing() -> None:
+    before = {p: p.stat().st_mtime_ns for p in DASHBOARDS}
+    result = build("--help")
+    assert result.returncode == 0
+    assert "--check" in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in DASHBOARDS} == before
 
 
 def test_compose_and_provisioning_files_are_consistent() -> None:
