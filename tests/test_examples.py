@@ -75,14 +75,23 @@ def test_zero_code() -> None:
 
 
 @pytest.mark.parametrize(("name", "expect"), [
-    ("fastapi_app", "carol@globex: {'answer':"),
-    ("flask_app", "frank@hooli: {'answer':"),
-    ("streaming", "(proxy)"),
+    ("fastapi_app", "'attribution': {'user': 'carol', 'org': 'globex', 'feature': 'ask'}"),
+    ("flask_app", "'attribution': {'org': 'hooli', 'user': 'frank'}"),
     ("async_users", "org-4: 40 calls"),
     ("configure_exporters", '"name": "tokenlay.client.cost"'),
 ])  # fmt: skip
 def test_example(name: str, expect: str) -> None:
     assert expect in run(name)
+
+
+def test_streaming_explains_the_stream_it_leaves() -> None:
+    out = run("streaming")
+    assert "2. a stream left on purpose after its first chunk ('Sure ')" in out
+    spans = {line.split("(")[1].split(")")[0]: line for line in out.splitlines()
+             if line.startswith("span ")}  # fmt: skip
+    assert spans["read to the end"].endswith("(source: proxy)")
+    assert "tokens=13/12 cost=$" in spans["read to the end"]
+    assert spans["left after one chunk"].endswith("tokens=-/- cost=- (source: unknown)")
 
 
 def test_grafana_example_exports_over_otlp() -> None:
