@@ -88,6 +88,29 @@ def test_configure_leaves_existing_providers_alone() -> None:
     assert "meter provider is already set up; left as is" in result.stderr
 
 
+def test_configure_twice_is_quiet_and_traces_each_call_once(server: FakeOpenAIServer) -> None:
+    result = run_python(
+        """
+        import logging, sys, openai
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        from tokenlay_otel import configure
+        first = configure(traces="console", metrics="none")
+        again = configure(traces="console", metrics="none")
+        assert again.tracer_provider is first.tracer_provider
+        assert not again.created_tracer_provider
+        client = openai.OpenAI(api_key="sk-x", base_url=sys.argv[1] + "/v1")
+        client.chat.completions.create(model="gpt-4o-mini", messages=[])
+        first.shutdown()
+        """,
+        {},
+        server.url,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" not in result.stderr, result.stderr
+    assert "already instrumented; left as is" in result.stderr
+    assert result.stdout.count('"name": "chat gpt-4o-mini"') == 1
+
+
 def test_configure_rejects_unknown_exporters_listing_the_installed() -> None:
     from tokenlay_otel import configure
 

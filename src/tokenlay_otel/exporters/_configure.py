@@ -124,7 +124,8 @@ def configure(
 
     Returns:
         The providers in use. If the app already installed SDK providers, they are
-        left alone (a log line says so) and only instrumentation is added.
+        left alone (a log line says so) and only instrumentation is added; if openai
+        is already instrumented (a second call), that is left as is too.
 
     Raises:
         ValueError: an exporter name is not installed (the message names the package
@@ -175,9 +176,15 @@ def configure(
     else:
         _log.info("tokenlay_otel.configure: a tracer provider is already set up; left as is")
 
-    TokenlayInstrumentor().instrument(
-        tracer_provider=tracer_provider, meter_provider=meter_provider, settings=settings
-    )
+    instrumentor = TokenlayInstrumentor()  # one per process (BaseInstrumentor is a singleton)
+    if instrumentor.is_instrumented_by_opentelemetry:
+        # A second configure(), or instrument() called before: instrumenting again would
+        # only make OpenTelemetry warn "already instrumented".
+        _log.info("tokenlay_otel.configure: openai is already instrumented; left as is")
+    else:
+        instrumentor.instrument(
+            tracer_provider=tracer_provider, meter_provider=meter_provider, settings=settings
+        )
     return Configured(tracer_provider, meter_provider, created_tracer, created_meter)
 
 
