@@ -155,6 +155,16 @@ def test_environment_fallbacks(server: FakeOpenAIServer, monkeypatch: pytest.Mon
     }
 
 
+def test_environment_metadata_with_a_comma(
+    server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOKENLAY_METADATA", "org=Acme%2C Inc.,user=caf%C3%A9")
+    make_client(server).chat.completions.create(model="m", messages=MESSAGES)
+    sent = server.requests[-1].headers
+    assert sent["x-tokenlay-org"] == "Acme, Inc."
+    assert sent["x-tokenlay-user"] == "caf%C3%A9"  # non-ASCII goes percent-encoded
+
+
 def test_default_provider_base_is_openai(server: FakeOpenAIServer) -> None:
     client = make_client(server, provider_api_base=None)
     client.models.list()

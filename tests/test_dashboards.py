@@ -4,11 +4,11 @@ labels that the SDK and the proxy really emit (checked on a live Prometheus scra
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import re
 import shutil
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -147,15 +147,54 @@ def test_the_queries_cover_what_the_issue_asks_for() -> None:
     assert latency and all(t["exemplar"] for t in latency[0]["targets"])
 
 
+def build(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(STACK / "build_dashboards.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_dashboards_are_up_to_date_with_their_generator() -> None:
-    spec = importlib.util.spec_from_file_location("build_dashboards", STACK / "build_dashboards.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rendered = module.render()
-    assert sorted(rendered) == [p.name for p in DASHBOARDS]
+    result = build("--check")
+    assert result.returncode == 0, result.stderr
+    assert f"{len(DASHBOARDS)} dashboards up to date" in result.stdout
+
+
+def test_check_names_each_file_that_differs(tmp_path: Path) -> None:
     for path in DASHBOARDS:
-        assert path.read_text() == rendered[path.name], f"run build_dashboards.py ({path.name})"
+        shutil.copy(path, tmp_path / path.name)
+    assert build("--check", "--out", str(tmp_path)).returncode == 0
+    edited, removed = tmp_path / DASHBOARDS[0].name, tmp_path / DASHBOARDS[1].name
+    edited.write_text(edited.read_text().replace("p95", "p96"))
+    removed.unlink()
+    (tmp_path / "stray.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    result = build("--check", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[:3] == [
+        f"out of date: {edited}",
+        f"missing: {removed}",
+        f"not built by this script: {tmp_path / 'stray.json'}",
+    ]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # wrote nothing
+
+    assert build("--out", str(tmp_path)).returncode == 0  # rebuilds; the stray file stays
+    assert build("--check", "--out", str(tmp_path)).stderr.splitlines() == [
+        f"not built by this script: {tmp_path / 'stray.json'}",
+        "run: python build_dashboards.py to rebuild them",
+    ]
+
+
+def test_help_writes_nothing() -> None:
+    before = {p: p.stat().st_mtime_ns for p in DASHBOARDS}
+    result = build("--help")
+    assert result.returncode == 0
+    assert "--check" in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in DASHBOARDS} == before
 
 
 def test_compose_and_provisioning_files_are_consistent() -> None:
@@ -277,3 +316,33 @@ def test_the_compose_prometheus_loads_the_alert_rules() -> None:
     mounts = dict(v.split(":")[:2] for v in compose["services"]["prometheus"]["volumes"])
     config = yaml.safe_load((STACK / "prometheus.yaml").read_text())
     assert config["rule_files"] == [mounts["./alerts.yaml"]]
+
+
+def test_the_stack_readme_routes_apps_through_the_compose_proxy() -> None:
+    """The settings deploy/grafana/README.md gives an app, host and container, route to
+    the compose proxy; the container's need TOKENLAY_ALLOW_HTTP_HOSTS to."""
+    text = (STACK / "README.md").read_text()
+    host_env = dict(
+        re.findall(r"(\w+)=(\S+)", re.search(r"```bash\nexport TOKENLAY_BASE_URL.*?```",
+                                             text, re.S).group())  # type: ignore[union-attr]
+    )  # fmt: skip
+    snippet = re.search(r"```yaml\n(  my-app:.*?)```", text, re.S)
+    assert snippet
+    service = yaml.safe_load(snippet.group(1))["my-app"]
+    compose = yaml.safe_load((STACK / "docker-compose.yaml").read_text())
+    proxy = compose["services"]["tokenlay-proxy"]
+    assert set(service["depends_on"]) <= set(compose["services"])
+    assert f"{compose['name']}_default" in text  # the network another project joins
+    for env, url in ((host_env, "http://localhost:8787"),
+                     (service["environment"], "http://tokenlay-proxy:8787")):  # fmt: skip
+        assert env["TOKENLAY_KEY"] in proxy["environment"]["TOKENLAY_PROXY_KEYS"].split(",")
+        assert env["TOKENLAY_BASE_URL"].endswith(":8787") and "--port=8787" in proxy["command"]
+        settings, problems = Settings.read_env(env)
+        assert problems == ()
+        route = settings.instrumented_route()
+        assert route is not None and route.tokenlay_base_url == url
+
+    without = {k: v for k, v in service["environment"].items() if k != "TOKENLAY_ALLOW_HTTP_HOSTS"}
+    settings, problems = Settings.read_env(without)
+    assert settings.instrumented_route() is None
+    assert "TOKENLAY_ALLOW_HTTP_HOSTS=tokenlay-proxy" in problems[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,17 +16,21 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 def run(name: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """The example's output; it must succeed and leave its temporary folder empty."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENLAY_", "OTEL_"))}
     clean.pop("TOKENLAY_OTEL_RAISE_INTERNAL_ERRORS", None)
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / name / "main.py"), *args],
-        env={**clean, "TOKENLAY_OTEL_RAISE_INTERNAL_ERRORS": "1", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
+    with tempfile.TemporaryDirectory() as scratch:
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLES / name / "main.py"), *args],
+            env={**clean, "TOKENLAY_OTEL_RAISE_INTERNAL_ERRORS": "1", "TMPDIR": scratch,
+                 **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
+        assert os.listdir(scratch) == [], f"{name} left temporary files behind"
     return result.stdout
 
 
@@ -49,6 +54,13 @@ def test_demo() -> None:
     assert total[0].split()[1] == "18"  # 18 calls in the ledger
 
 
+def test_demo_keeps_the_ledger_it_is_given(tmp_path: Path) -> None:
+    ledger = tmp_path / "spend.db"
+    out = run("demo", "--ledger", str(ledger))
+    assert f"Try: tokenlay-otel spend --db {ledger} --by model --format json" in out
+    assert ledger.is_file()
+
+
 def test_quickstart() -> None:
     out = run("quickstart")
     assert "reply:" in out
@@ -63,14 +75,23 @@ def test_zero_code() -> None:
 
 
 @pytest.mark.parametrize(("name", "expect"), [
-    ("fastapi_app", "carol@globex: {'answer':"),
-    ("flask_app", "frank@hooli: {'answer':"),
-    ("streaming", "(proxy)"),
+    ("fastapi_app", "'attribution': {'user': 'carol', 'org': 'globex', 'feature': 'ask'}"),
+    ("flask_app", "'attribution': {'org': 'hooli', 'user': 'frank'}"),
     ("async_users", "org-4: 40 calls"),
     ("configure_exporters", '"name": "tokenlay.client.cost"'),
 ])  # fmt: skip
 def test_example(name: str, expect: str) -> None:
     assert expect in run(name)
+
+
+def test_streaming_explains_the_stream_it_leaves() -> None:
+    out = run("streaming")
+    assert "2. a stream left on purpose after its first chunk ('Sure ')" in out
+    spans = {line.split("(")[1].split(")")[0]: line for line in out.splitlines()
+             if line.startswith("span ")}  # fmt: skip
+    assert spans["read to the end"].endswith("(source: proxy)")
+    assert "tokens=13/12 cost=$" in spans["read to the end"]
+    assert spans["left after one chunk"].endswith("tokens=-/- cost=- (source: unknown)")
 
 
 def test_grafana_example_exports_over_otlp() -> None:

@@ -301,15 +301,21 @@ def test_the_ledger_writes_every_row_and_leaves_out_only_bad_values(
 
 def legacy_ledger(path: Path) -> None:
     """A ledger with rows no version of the SDK should write, beside good ones."""
+    write_ledger(
+        path,
+        [
+            ("good", 10, 2, 0.5),
+            ("good", 20, 4, 0.25),
+            ("huge", 2**62, 2**62, float("inf")),  # two of them overflow an int64 SUM
+            ("huge", 2**62, 2**62, float("-inf")),
+            ("odd", -5, "many", float("nan")),
+        ],
+    )
+
+
+def write_ledger(path: Path, rows: list[tuple[str, Any, Any, Any]]) -> None:
+    """A ledger of ``(user, input_tokens, output_tokens, cost_usd)`` rows, as given."""
     db = connect(path)
-    rows = [
-        # user, input_tokens, output_tokens, cost_usd
-        ("good", 10, 2, 0.5),
-        ("good", 20, 4, 0.25),
-        ("huge", 2**62, 2**62, float("inf")),  # two of them overflow an int64 SUM
-        ("huge", 2**62, 2**62, float("-inf")),
-        ("odd", -5, "many", float("nan")),
-    ]
     placeholders = ", ".join("?" for _ in COLUMNS)
     for n, (user, input_tokens, output_tokens, cost) in enumerate(rows):
         values = dict.fromkeys(COLUMNS)

@@ -217,6 +217,17 @@ def test_split_caller_headers() -> None:
 
 def test_metadata_env() -> None:
     assert parse_metadata_env("user=u1, org=o1,,") == {"user": "u1", "org": "o1"}
+    # Percent-encoding, as on the wire: a comma, '=', '%', spaces kept, UTF-8.
+    assert parse_metadata_env("org=Acme%2C Inc., user=u1") == {"org": "Acme, Inc.", "user": "u1"}
+    assert parse_metadata_env("feature=a=b,project=c%3Dd") == {"feature": "a=b", "project": "c=d"}
+    assert parse_metadata_env("plan=100%25,user=50%off,org=%") == {
+        "plan": "100%", "user": "50%off", "org": "%",
+    }  # fmt: skip
+    assert parse_metadata_env("user=%20pad%20,org=caf%C3%A9") == {"user": " pad ", "org": "café"}
+    with pytest.raises(ValueError, match="TOKENLAY_METADATA: the value of 'user' is not percent"):
+        parse_metadata_env("user=%FF")
+    with pytest.raises(ValueError, match=r"TOKENLAY_METADATA: .*control"):
+        parse_metadata_env("user=a%0Ab")
     assert parse_metadata_env("") == {}
     with pytest.raises(ValueError, match="TOKENLAY_METADATA: expected 'field=value'"):
         parse_metadata_env("user")

@@ -1,6 +1,7 @@
 """Write the provisioned Grafana dashboards (run after changing a query).
 
-    python deploy/grafana/build_dashboards.py
+    python deploy/grafana/build_dashboards.py           # write them
+    python deploy/grafana/build_dashboards.py --check   # exit 1 if the files differ
 
 Every query names metrics and labels the SDK and the proxy really emit; the test suite
 checks that against a live scrape, and that the JSON files are up to date with this
@@ -9,6 +10,7 @@ script.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -346,11 +348,49 @@ def render() -> dict[str, str]:
     }
 
 
-def main() -> int:
-    OUT.mkdir(parents=True, exist_ok=True)
-    for name, text in render().items():
-        (OUT / name).write_text(text)
-        print(f"wrote {OUT / name}")
+def differences(folder: Path, rendered: dict[str, str]) -> list[str]:
+    """One line per dashboard file in ``folder`` that is not what ``rendered`` holds."""
+    lines = []
+    for name, text in rendered.items():
+        path = folder / name
+        if not path.exists():
+            lines.append(f"missing: {path}")
+        elif path.read_text() != text:
+            lines.append(f"out of date: {path}")
+    for path in sorted(folder.glob("*.json")):
+        if path.name not in rendered:
+            lines.append(f"not built by this script: {path}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Write the provisioned Grafana dashboards from the queries in this script."
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1, naming each file, when the dashboards differ from "
+        "what this script builds",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=OUT, help="the dashboards folder (default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    rendered = render()
+    if args.check:
+        stale = differences(args.out, rendered)
+        for line in stale:
+            print(line, file=sys.stderr)
+        if stale:
+            print(f"run: python {Path(__file__).name} to rebuild them", file=sys.stderr)
+            return 1
+        print(f"{len(rendered)} dashboards up to date in {args.out}")
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in rendered.items():
+        (args.out / name).write_text(text)
+        print(f"wrote {args.out / name}")
     return 0
 
 

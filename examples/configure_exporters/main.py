@@ -17,7 +17,11 @@ from tokenlay_otel.proxy.local import tokenlay_or_local
 
 
 def main() -> int:
-    ledger = Path(tempfile.mkdtemp()) / "ledger.db"
+    with tempfile.TemporaryDirectory(prefix="tokenlay-example-") as folder:
+        return run(Path(folder) / "ledger.db")
+
+
+def run(ledger: Path) -> int:
     os.environ["TOKENLAY_LEDGER_PATH"] = str(ledger)
     done = configure(
         service_name="configure-example",

@@ -8,6 +8,7 @@ No keys, no network, no Docker.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -67,14 +68,23 @@ def call(client: TokenlayOpenAI, label: str, **kwargs: object) -> None:
     print(f"{label:<34} ok, model={reply.model}{note}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--ledger",
+        type=Path,
+        help="keep the spend ledger in this file, to explore with tokenlay-otel spend "
+        "(default: a temporary folder, removed at the end)",
+    )
+    args = parser.parse_args(argv)
     with ExitStack() as stack:
-        return run(stack)
+        return run(stack, args.ledger)
 
 
-def run(stack: ExitStack) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="tokenlay-demo-"))
-    ledger = workdir / "tokenlay-ledger.db"
+def run(stack: ExitStack, kept_ledger: Path | None) -> int:
+    # Entered first, so removed last: after the proxy and the ledger closed their files.
+    workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tokenlay-demo-")))
+    ledger = kept_ledger.resolve() if kept_ledger else workdir / "tokenlay-ledger.db"
     os.environ["TOKENLAY_LEDGER_PATH"] = str(ledger)
     proxy = stack.enter_context(
         local_proxy(
@@ -120,7 +130,11 @@ def run(stack: ExitStack) -> int:
     tokenlay_cli(["spend", "--db", str(ledger), "--by", "org", "--since", "1h"])
     print("\nspend by user (tokenlay-otel spend --by user):")
     tokenlay_cli(["spend", "--db", str(ledger), "--by", "user", "--since", "1h"])
-    print(f"\nTry: tokenlay-otel spend --db {ledger} --by model --format json")
+    if kept_ledger:
+        print(f"\nTry: tokenlay-otel spend --db {ledger} --by model --format json")
+    else:
+        print("\nTo keep the ledger and explore it: ./scripts/demo --ledger spend.db, then")
+        print("tokenlay-otel spend --db spend.db --by model --format json")
     return 0
 
 

@@ -3,19 +3,34 @@
 The middleware reads `X-User-Id` / `X-Org-Id` (in a real app: from your auth) and
 wraps the request in `metadata(...)`; every openai call made while handling it is
 attributed, on the wire to Tokenlay and on spans and metrics. Running this file serves
-three requests through FastAPI's test client against the local proxy (offline).
+three requests through FastAPI's test client against the local proxy (offline); each
+answer shows the attribution its call sent and what the proxy said about it.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.testclient import TestClient
 
 from tokenlay_otel import AsyncTokenlayOpenAI, get_tokenlay_metadata, metadata
 from tokenlay_otel.proxy.local import tokenlay_or_local
+
+#: x-tokenlay-* headers that are not attribution: the provider's key and base URL.
+NOT_ATTRIBUTION = frozenset({"x-tokenlay-provider-key", "x-tokenlay-provider-base"})
+
+
+def attribution_sent(raw: Any) -> dict[str, str]:
+    """The attribution a call carried to Tokenlay, read from the request as it was sent
+    (the provider's key is left out: never echo it)."""
+    return {
+        name.removeprefix("x-tokenlay-"): value
+        for name, value in raw.http_request.headers.items()
+        if name.startswith("x-tokenlay-") and name not in NOT_ATTRIBUTION
+    }
 
 
 def create_app(client: AsyncTokenlayOpenAI) -> FastAPI:
@@ -32,12 +47,16 @@ def create_app(client: AsyncTokenlayOpenAI) -> FastAPI:
 
     @app.post("/ask")
     async def ask(question: dict[str, str]) -> dict[str, object]:
-        reply = await client.chat.completions.create(
+        # with_raw_response: the parsed reply, and the request as it went out.
+        raw = await client.chat.completions.with_raw_response.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": question["q"]}]
         )
-        meta = get_tokenlay_metadata(reply)
+        reply = raw.parse()
+        meta = get_tokenlay_metadata(raw)
         return {
             "answer": reply.choices[0].message.content,
+            "attribution": attribution_sent(raw),
+            "rule_action": meta.rule_action if meta else None,
             "cost_usd": meta.cost if meta else None,
         }
 

@@ -25,6 +25,7 @@ def main() -> int:
     with tokenlay_or_local() as endpoint:
         client = TokenlayOpenAI(**endpoint)
         with metadata(user="streamer", org="acme"):
+            print("1. a stream read to the end:")
             stream = client.chat.completions.create(
                 model="gpt-4o-mini",
                 messages=[{"role": "user", "content": "Tell me something short."}],
@@ -34,18 +35,31 @@ def main() -> int:
                 for chunk in stream:
                     print(chunk.choices[0].delta.content or "", end="", flush=True)
             print()
-            # Leaving early is fine too: the span ends when the stream is closed.
+            print("   tokenlay:", get_tokenlay_metadata(stream))
+
+            # On purpose: read one chunk, then leave. Leaving the `with` closes the
+            # stream, which ends its span at once; the final usage chunk never comes,
+            # so that span has no tokens or cost (source "unknown"). The local proxy
+            # still charges the call: it reads on upstream for the usage, or estimates it.
             with client.chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "Again"}], stream=True
             ) as early:
-                next(iter(early))
-        print("tokenlay:", get_tokenlay_metadata(stream))
-    for span in spans.get_finished_spans():
+                first = next(iter(early))
+            print(
+                "2. a stream left on purpose after its first chunk "
+                f"({first.choices[0].delta.content!r}): closed, so its span ends now"
+            )
+    labels = ("read to the end", "left after one chunk")
+    for label, span in zip(labels, spans.get_finished_spans(), strict=True):
         a = span.attributes or {}
+        cost = a.get("tokenlay.cost.usd")
         print(
-            f"span {span.name}: ttfc={a.get('gen_ai.response.time_to_first_chunk', 0):.4f}s "
-            f"tokens={a.get('gen_ai.usage.input_tokens')}/{a.get('gen_ai.usage.output_tokens')} "
-            f"cost={a.get('tokenlay.cost.usd')} ({a.get('tokenlay.cost.source')})"
+            f"span {span.name} ({label}): "
+            f"ttfc={a.get('gen_ai.response.time_to_first_chunk', 0):.4f}s "
+            f"tokens={a.get('gen_ai.usage.input_tokens', '-')}"
+            f"/{a.get('gen_ai.usage.output_tokens', '-')} "
+            f"cost={f'${cost:.6g}' if isinstance(cost, float) else '-'} "
+            f"(source: {a.get('tokenlay.cost.source')})"
         )
     return 0
 

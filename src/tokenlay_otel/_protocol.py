@@ -271,6 +271,10 @@ def metadata_from_request_headers(headers: Iterable[tuple[str, str]]) -> dict[st
 def parse_metadata_env(text: str, *, source: str = "TOKENLAY_METADATA") -> dict[str, str]:
     """Parse ``user=u1,org=o1`` into validated metadata.
 
+    Values are percent-decoded as UTF-8, as the wire's are: ``org=Acme%2C Inc.`` holds
+    a comma, ``%25`` is a ``%`` and ``%20`` keeps a space that stripping would remove.
+    A ``%`` not followed by two hex digits stays as it is.
+
     Raises:
         ValueError: naming ``source`` and the bad entry.
     """
@@ -283,7 +287,15 @@ def parse_metadata_env(text: str, *, source: str = "TOKENLAY_METADATA") -> dict[
             raise ValueError(
                 f"{source}: expected 'field=value' pairs separated by ',', got {entry!r}"
             )
-        raw[name.strip()] = value.strip()
+        value = value.strip()
+        if "%" in value:
+            try:
+                value = unquote(value, errors="strict")
+            except UnicodeDecodeError:
+                raise ValueError(
+                    f"{source}: the value of {name.strip()!r} is not percent-encoded UTF-8"
+                ) from None
+        raw[name.strip()] = value
     try:
         return validate_metadata(raw)
     except ValueError as exc:

@@ -61,15 +61,43 @@ def _names(value: str | Sequence[str] | None, env: str, default: str) -> list[st
     return [n.strip() for n in items if n.strip() and n.strip().lower() != "none"]
 
 
+#: The package that provides each well-known exporter name, for the error when it is
+#: missing ("otlp" comes with tokenlay-otel).
+_PACKAGES = {
+    "prometheus": "pip install 'tokenlay-otel[prometheus]' (opentelemetry-exporter-prometheus)",
+    "otlp_proto_grpc": "pip install opentelemetry-exporter-otlp-proto-grpc",
+    "otlp_proto_http": "pip install opentelemetry-exporter-otlp-proto-http",
+    "zipkin_json": "pip install opentelemetry-exporter-zipkin-json",
+    "zipkin_proto": "pip install opentelemetry-exporter-zipkin-proto-http",
+}
+
+
+def _missing_exporter_message(group: str, name: str, installed: Sequence[str]) -> str:
+    """What to tell a caller who asked for an exporter that is not installed."""
+    fix = _PACKAGES.get(name, "install the package that provides it")
+    return (
+        f"unknown exporter {name!r} for {group}: {fix}; or pick one of those installed: "
+        f"{', '.join(sorted(installed))}"
+    )
+
+
 def _load(group: str, name: str) -> Any:
     found = entry_points(group=group, name=name)
     if not found:
-        installed = sorted({e.name for e in entry_points(group=group)})
-        raise ValueError(
-            f"unknown exporter {name!r} for {group}; installed: {', '.join(installed)}. "
-            "Install the package that provides it, or pick one of those"
-        )
+        installed = {e.name for e in entry_points(group=group)}
+        raise ValueError(_missing_exporter_message(group, name, sorted(installed)))
     return next(iter(found)).load()
+
+
+def _reader(name: str, exporter: Any, interval_ms: int | None) -> MetricReader:
+    """A pull reader as is (Prometheus's starts its HTTP server here), a push exporter
+    behind a periodic reader."""
+    if isinstance(exporter, type) and issubclass(exporter, MetricReader):
+        try:
+            return exporter()
+        except OSError as exc:  # e.g. the Prometheus port is taken
+            raise OSError(f"metrics exporter {name!r} could not start: {exc}") from exc
+    return PeriodicExportingMetricReader(exporter(), export_interval_millis=interval_ms)
 
 
 def configure(
@@ -96,11 +124,15 @@ def configure(
 
     Returns:
         The providers in use. If the app already installed SDK providers, they are
-        left alone (a log line says so) and only instrumentation is added.
+        left alone (a log line says so) and only instrumentation is added; if openai
+        is already instrumented (a second call), that is left as is too.
 
     Raises:
-        ValueError: an exporter name is not installed (the message lists those that
-            are), or a Tokenlay setting is invalid.
+        ValueError: an exporter name is not installed (the message names the package
+            to install, and lists the exporters that are), or a Tokenlay setting is
+            invalid.
+        OSError: a metrics exporter could not start, e.g. Prometheus's port is taken
+            (``OTEL_EXPORTER_PROMETHEUS_HOST``/``_PORT``, default ``localhost:9464``).
     """
     settings = settings or Settings.from_env()
     trace_names = _names(traces, "OTEL_TRACES_EXPORTER", "otlp")
@@ -114,29 +146,15 @@ def configure(
         attributes[SERVICE_NAME] = service_name
     resource = Resource.create(attributes)
 
-    tracer_provider = trace.get_tracer_provider()
-    created_tracer = not isinstance(tracer_provider, TracerProvider)
-    if created_tracer:
-        tracer_provider = TracerProvider(resource=resource)
-        for exporter in span_exporters:
-            tracer_provider.add_span_processor(BatchSpanProcessor(exporter()))
-        trace.set_tracer_provider(tracer_provider)
-    else:
-        _log.info("tokenlay_otel.configure: a tracer provider is already set up; left as is")
-
     meter_provider = _metrics_api().get_meter_provider()
     created_meter = not isinstance(meter_provider, MeterProvider)
     if created_meter:
-        readers: list[MetricReader] = []
-        for exporter_cls in metric_exporters:
-            if isinstance(exporter_cls, type) and issubclass(exporter_cls, MetricReader):
-                readers.append(exporter_cls())
-            else:
-                readers.append(
-                    PeriodicExportingMetricReader(
-                        exporter_cls(), export_interval_millis=metric_export_interval_ms
-                    )
-                )
+        # Readers first: one that cannot start (a port taken) fails before anything
+        # global is installed.
+        readers = [
+            _reader(name, exporter, metric_export_interval_ms)
+            for name, exporter in zip(metric_names, metric_exporters, strict=True)
+        ]
         meter_provider = MeterProvider(
             resource=resource,
             metric_readers=readers,
@@ -148,9 +166,25 @@ def configure(
     else:
         _log.info("tokenlay_otel.configure: a meter provider is already set up; left as is")
 
-    TokenlayInstrumentor().instrument(
-        tracer_provider=tracer_provider, meter_provider=meter_provider, settings=settings
-    )
+    tracer_provider = trace.get_tracer_provider()
+    created_tracer = not isinstance(tracer_provider, TracerProvider)
+    if created_tracer:
+        tracer_provider = TracerProvider(resource=resource)
+        for exporter in span_exporters:
+            tracer_provider.add_span_processor(BatchSpanProcessor(exporter()))
+        trace.set_tracer_provider(tracer_provider)
+    else:
+        _log.info("tokenlay_otel.configure: a tracer provider is already set up; left as is")
+
+    instrumentor = TokenlayInstrumentor()  # one per process (BaseInstrumentor is a singleton)
+    if instrumentor.is_instrumented_by_opentelemetry:
+        # A second configure(), or instrument() called before: instrumenting again would
+        # only make OpenTelemetry warn "already instrumented".
+        _log.info("tokenlay_otel.configure: openai is already instrumented; left as is")
+    else:
+        instrumentor.instrument(
+            tracer_provider=tracer_provider, meter_provider=meter_provider, settings=settings
+        )
     return Configured(tracer_provider, meter_provider, created_tracer, created_meter)
 
 

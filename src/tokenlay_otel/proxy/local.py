@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import socket
 import tempfile
 import threading
@@ -44,22 +46,37 @@ def local_proxy(
         rules: rules, or the path of a rules file.
         keys: accepted Tokenlay keys (default: ``tl-local-key``).
         mock_upstream: answer with the deterministic mock provider (default).
-        store: usage store (default: SQLite in a temporary folder).
+        store: usage store (default: SQLite in a temporary folder, removed on exit).
         server_limits: header timeout, connection cap... (default: ``ServerLimits()``).
         **config: other :class:`ProxyConfig` fields (tracer_provider, meter_provider...).
     """
     from .app import ProxyConfig, create_app
 
     loaded = load_rules(rules) if isinstance(rules, str | Path) else list(rules)
-    if store is None:
-        store = SQLiteStore(Path(tempfile.mkdtemp(prefix="tokenlay-proxy-")) / "usage.db")
-    app = create_app(
-        ProxyConfig(
-            keys=frozenset(keys), rules=loaded, store=store, mock_upstream=mock_upstream, **config
+    with contextlib.ExitStack() as cleanup:
+        if store is None:
+            folder = tempfile.mkdtemp(prefix="tokenlay-proxy-")
+            # Last out: after the server stopped and closed the store.
+            cleanup.callback(shutil.rmtree, folder, ignore_errors=True)
+            store = SQLiteStore(Path(folder) / "usage.db")
+        app = create_app(
+            ProxyConfig(
+                keys=frozenset(keys),
+                rules=loaded,
+                store=store,
+                mock_upstream=mock_upstream,
+                **config,
+            )
         )
-    )
+        limits = server_limits if server_limits is not None else ServerLimits()
+        with _serving(app, limits) as url:
+            yield url
+
+
+@contextmanager
+def _serving(app: Any, limits: ServerLimits) -> Iterator[str]:
+    """Serve ``app`` in a thread until the block ends; yields its URL once it answers."""
     port = free_port()
-    limits = server_limits if server_limits is not None else ServerLimits()
     server = uvicorn_server(app, host="127.0.0.1", port=port, limits=limits)
     thread = threading.Thread(target=server.run, name="tokenlay-local-proxy", daemon=True)
     thread.start()

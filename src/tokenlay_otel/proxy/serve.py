@@ -7,16 +7,24 @@ import contextlib
 import logging
 import math
 import os
+import sys
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .server import ServerLimits
+
+if TYPE_CHECKING:
+    import socket
+
+    import uvicorn
 
 __all__ = [
     "ENV_ALLOW_PROVIDERS",
     "ENV_PROXY_KEYS",
     "add_arguments",
+    "describe_startup",
     "gateway_options",
     "load_keys",
     "raise_open_files_limit",
@@ -312,6 +320,77 @@ def raise_open_files_limit() -> int | None:
     return target
 
 
+def _store_name(args: argparse.Namespace) -> str:
+    if not args.redis_url:
+        return f"SQLite {Path(args.db).resolve()}"
+    # The URL may carry a password: only its scheme, host, port and database are shown.
+    url = urllib.parse.urlsplit(args.redis_url)
+    try:
+        port = f":{url.port}" if url.port else ""
+    except ValueError:
+        port = ""
+    hidden = "***@" if url.username or url.password else ""
+    return f"Redis {url.scheme}://{hidden}{url.hostname or ''}{port}{url.path}"
+
+
+def _upstream_name(mock_upstream: bool, allowed: tuple[str, ...]) -> str:
+    if mock_upstream:
+        return "mock upstream (offline, no provider is called)"
+    from .providers import DEFAULT_PROVIDERS
+
+    extra = f" + {', '.join(allowed)}" if allowed else ""
+    return f"upstream: the public providers over https ({len(DEFAULT_PROVIDERS)} patterns){extra}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def describe_startup(
+    args: argparse.Namespace, *, address: str, keys: int, rules: int, options: Mapping[str, Any]
+) -> str:
+    """The line the CLI prints once the proxy listens: where, which store, how many
+    rules and keys, and where calls go (the mock, or the allow-list). Never a secret:
+    keys are counted, a Redis URL loses its password."""
+    rules_source = f" from {args.rules}" if args.rules else " (every call allowed)"
+    return (
+        f"tokenlay-otel proxy: listening on {address}; store {_store_name(args)}; "
+        f"{_plural(rules, 'rule')}{rules_source}; {_plural(keys, 'key')}; "
+        f"{_upstream_name(options['mock_upstream'], options.get('allow_providers', ()))}"
+    )
+
+
+def _address(sockets: list[socket.socket], host: str, port: int) -> str:
+    """``http://host:port`` of the first listening socket (the real port for ``--port 0``)."""
+    if sockets:
+        bound = sockets[0].getsockname()
+        if isinstance(bound, tuple):
+            host, port = bound[0], bound[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _announcing_server(config: uvicorn.Config, line: Callable[[str], str]) -> uvicorn.Server:
+    """A uvicorn server that says on stderr when it listens (``line(address)``) and when
+    it has stopped (after the calls in flight settled)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        address = ""
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                listening = [s for server in self.servers for s in server.sockets]
+                self.address = _address(listening, config.host, config.port)
+                print(line(self.address), file=sys.stderr, flush=True)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets=sockets)
+            print(f"tokenlay-otel proxy: stopped ({self.address})", file=sys.stderr, flush=True)
+
+    return Server(config)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn  # noqa: F401  # fail early, with the install hint
@@ -321,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     from .app import ProxyConfig, create_app
     from .rules import RulesError, load_rules
-    from .server import uvicorn_server
+    from .server import uvicorn_config
     from .store import open_store
 
     keys = load_keys(args.keys_file)
@@ -344,8 +423,14 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(ProxyConfig(keys=keys, rules=rules, store=store, **options))
     except ValueError as exc:  # a malformed --allow-provider pattern, named in the message
         raise SystemExit(f"tokenlay-otel proxy: {exc}") from None
-    server = uvicorn_server(
+    config = uvicorn_config(
         app, host=args.host, port=args.port, limits=limits, log_level=args.log_level
+    )
+    server = _announcing_server(
+        config,
+        lambda address: describe_startup(
+            args, address=address, keys=len(keys), rules=len(rules), options=options
+        ),
     )
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn has shut down already
         server.run()
