@@ -56,11 +56,13 @@ def _no_secret_is_exported(request: pytest.FixtureRequest, caplog: pytest.LogCap
 
 
 @pytest.fixture(autouse=True)
-def _fresh_rate_limited_warnings() -> None:
-    """Warnings said once a minute are said again in each test."""
-    from tokenlay_otel import _wrappers
+def _fresh_process_state() -> None:
+    """Warnings said once a minute are said again, and user caps start empty, in each
+    test."""
+    from tokenlay_otel import _metrics, _wrappers
 
     _wrappers._said.clear()
+    _metrics._caps.clear()  # each test is a process of its own for the user caps
 
 
 @pytest.fixture

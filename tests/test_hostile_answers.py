@@ -469,3 +469,42 @@ def test_usage_numbers_are_in_bounds_whatever_the_body_says(usage: dict[str, Any
     first = usage.get("prompt_tokens")
     if type(first) is int and 0 <= first <= MAX_REPORTED_TOKENS and "input_tokens" not in usage:
         assert found.input_tokens == first
+
+
+def test_text_an_answer_could_make_huge_or_unexportable_is_left_out() -> None:
+    """A 1 MB model, id and fingerprint, 50,000 choices, a lone surrogate: none of it
+    reaches a span."""
+    from tokenlay_otel._attributes import MAX_TEXT, response_attributes
+    from tokenlay_otel._protocol import parse_response_headers
+
+    huge = "m" * 1_000_000
+    body = {"id": huge, "model": huge, "system_fingerprint": huge,
+            "choices": [{"finish_reason": "stop"}] * 50_000}  # fmt: skip
+    attrs = response_attributes(body)
+    assert attrs == {"gen_ai.response.finish_reasons": ("stop",) * 16}
+    assert response_attributes({"model": "\ud800x", "id": "i" * MAX_TEXT}) == {
+        "gen_ai.response.id": "i" * MAX_TEXT
+    }
+    parsed = parse_response_headers({"x-tokenlay-warnings": '["ok", "\\ud800 bad"]'})
+    assert parsed is not None and parsed.warnings == ("ok",)
+
+
+def test_models_named_by_answers_are_capped_on_metrics(instrument, telemetry: SpanCapture) -> None:
+    from tests.inprocess import httpx
+    from tokenlay_otel.testing import chat_completion
+
+    count = iter(range(10_000))
+
+    def answer(request: Any) -> Any:
+        return httpx.Response(200, json=chat_completion(f"model-{next(count)}"))
+
+    instrument()
+    http_client = httpx.Client(transport=httpx.MockTransport(answer))
+    client = openai.OpenAI(api_key="sk-x", http_client=http_client)
+    for _ in range(300):
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
+    (_, points) = telemetry.metrics()["tokenlay.client.requests"]
+    models = {p.attributes["gen_ai.response.model"] for p in points}
+    assert len(models) == 257 and "_other" in models  # 256 models, then the rest as one

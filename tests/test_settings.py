@@ -13,7 +13,7 @@ from typing import Any
 import openai
 import pytest
 
-from tokenlay_otel import TokenlayInstrumentor, TokenlayOpenAI
+from tokenlay_otel import TokenlayInstrumentor, TokenlayOpenAI, metadata
 from tokenlay_otel._config import Settings, parse_bool
 from tokenlay_otel._routing import TokenlayRouteError
 from tokenlay_otel.testing import chat_completion
@@ -489,3 +489,34 @@ def test_instrument_never_raises_on_what_the_environment_holds(
     wire.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert wire.hosts() == ["api.openai.com"]  # traced, not routed
     assert len(telemetry.spans()) == 1
+
+
+def test_the_user_cap_holds_across_instrument_cycles_and_drop_in_clients(
+    wire: Wire, telemetry: SpanCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tokenlay_otel import _state
+
+    monkeypatch.setattr(_state, "_default", None)
+    monkeypatch.setenv("TOKENLAY_METRIC_USER_LIMIT", "2")
+    users = iter(f"u{n}" for n in range(10))
+
+    def call() -> None:
+        with metadata(user=next(users)):
+            wire.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+    drop_in = TokenlayOpenAI(
+        provider_api_key=PROVIDER_KEY,
+        tokenlay_key=TOKENLAY_KEY,
+        http_client=httpx.Client(transport=httpx.MockTransport(wire)),
+    )
+    with metadata(user="u-first"):
+        drop_in.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    for _ in range(3):
+        instrumentor = TokenlayInstrumentor()
+        instrumentor.instrument(tracer_provider=telemetry.provider,
+                                meter_provider=telemetry.meter_provider)  # fmt: skip
+        call()
+        instrumentor.uninstrument()
+    (_, points) = telemetry.metrics()["tokenlay.client.requests"]
+    users_seen = {p.attributes["tokenlay.user"] for p in points}
+    assert users_seen == {"u0", "_other"}  # u-first took the other place, on another provider

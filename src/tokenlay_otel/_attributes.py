@@ -342,8 +342,8 @@ def usage_attributes(usage: Usage) -> dict[str, Any]:
 def _finish_reasons(response: Mapping[str, Any]) -> tuple[str, ...] | None:
     choices = response.get("choices")
     if isinstance(choices, list):
-        reasons = [_get(c, "finish_reason") for c in choices]
-        found = tuple(r for r in reasons if isinstance(r, str))
+        reasons = [_get(c, "finish_reason") for c in choices[:_MAX_REASONS]]
+        found = tuple(r for r in map(short_text, reasons) if r is not None)
         return found or None
     status = response.get("status")
     if not isinstance(status, str):
@@ -373,25 +373,45 @@ RESPONSE_FIELDS = (
 )
 
 
+#: The longest id, model, fingerprint or finish reason an answer may put on a span.
+MAX_TEXT = 256
+#: Finish reasons kept from one answer (one per choice).
+_MAX_REASONS = 16
+
+
+def short_text(value: object) -> str | None:
+    """``value`` if it is a non-empty string an answer may fairly hold: at most
+    :data:`MAX_TEXT` characters, and encodable (a lone surrogate is not)."""
+    if type(value) is not str or not value or len(value) > MAX_TEXT:
+        return None
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return None
+    return value
+
+
 def response_attributes(response: Any) -> dict[str, Any]:
     """Attributes of a complete response (parsed model, the raw JSON dict, or its
-    ``fields_of(response, RESPONSE_FIELDS)``)."""
+    ``fields_of(response, RESPONSE_FIELDS)``). Text an answer could make huge or
+    unencodable is left out."""
     fields = fields_of(response, RESPONSE_FIELDS)
     attrs: dict[str, Any] = {}
-    response_id = fields.get("id")
-    if isinstance(response_id, str):
+    response_id = short_text(fields.get("id"))
+    if response_id is not None:
         attrs[RESPONSE_ID] = response_id
-    model = fields.get("model")
-    if isinstance(model, str):
+    model = short_text(fields.get("model"))
+    if model is not None:
         attrs[RESPONSE_MODEL] = model
     reasons = _finish_reasons(fields)
     if reasons:
         attrs[FINISH_REASONS] = reasons
-    tier = fields.get("service_tier")
-    if isinstance(tier, str):
+    tier = short_text(fields.get("service_tier"))
+    if tier is not None:
         attrs[RESPONSE_SERVICE_TIER] = tier
-    fingerprint = fields.get("system_fingerprint")
-    if isinstance(fingerprint, str):
+    fingerprint = short_text(fields.get("system_fingerprint"))
+    if fingerprint is not None:
         attrs[SYSTEM_FINGERPRINT] = fingerprint
     return attrs
 

@@ -43,6 +43,7 @@ __all__ = [
     "MetricRecorder",
     "RequestCounts",
     "ValueCap",
+    "process_cap",
 ]
 
 DURATION_BUCKETS = (
@@ -83,6 +84,22 @@ class ValueCap:
                 self._seen.add(value)
                 return value
         return value if value in self._seen else OTHER
+
+
+#: Distinct response models per process on metrics before ``_other``.
+_MODEL_LIMIT = 256
+_caps: dict[tuple[str, int], ValueCap] = {}
+_caps_lock = threading.Lock()
+
+
+def process_cap(field: str, limit: int) -> ValueCap:
+    """The process's one cap for a field: every telemetry built in it (each
+    ``instrument()``, the drop-in clients' default) counts the same distinct values."""
+    with _caps_lock:
+        cap = _caps.get((field, limit))
+        if cap is None:
+            cap = _caps[(field, limit)] = ValueCap(limit)
+        return cap
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs ~2 us more to build
@@ -203,7 +220,7 @@ class MetricRecorder:
         value_limit: int,
     ) -> None:
         self._fields = tuple(
-            (f, metadata_attribute(f), ValueCap(value_limit)) for f in metadata_fields
+            (f, metadata_attribute(f), process_cap(f, value_limit)) for f in metadata_fields
         )
         self._sets: dict[tuple[object, ...], _AttributeSets] = {}
         self.duration = meter.create_histogram(
@@ -290,7 +307,9 @@ class MetricRecorder:
         if m.request_model:
             common[REQUEST_MODEL] = m.request_model
         if m.response_model is not None:
-            common[RESPONSE_MODEL] = m.response_model
+            # Named by the answer, not the caller: capped like a user, so an upstream
+            # that names a new model on each call cannot flood the metrics.
+            common[RESPONSE_MODEL] = process_cap(RESPONSE_MODEL, _MODEL_LIMIT)(m.response_model)
         if m.error_type is not None:
             common[ERROR_TYPE] = m.error_type
         for (_, name, _), value in zip(self._fields, capped, strict=True):

@@ -483,10 +483,24 @@ def _parse_warnings(header: str, value: str) -> tuple[str, ...] | None:
     if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
         _ignore(header)
         return None
-    kept = tuple(item for item in data[:_MAX_WARNINGS] if len(item) <= _MAX_WARNING)
+    kept = tuple(
+        item for item in data[:_MAX_WARNINGS] if len(item) <= _MAX_WARNING and _encodable(item)
+    )
     if len(kept) != len(data):
         _log.debug("ignoring %d of the warnings in %s", len(data) - len(kept), header)
     return kept
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` can be exported: JSON's ``\\ud800`` decodes to a lone surrogate,
+    which UTF-8 (and so OTLP) cannot carry."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_text(header: str, value: str) -> str | None:

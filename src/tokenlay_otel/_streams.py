@@ -192,9 +192,7 @@ class _StreamState:
             )
 
 
-def _text(value: object) -> str | None:
-    """``value`` if it is a non-empty string (an empty one names nothing)."""
-    return value if isinstance(value, str) and value else None
+_text = A.short_text  # an empty string names nothing; a huge one is not believed
 
 
 def _with_usage(
