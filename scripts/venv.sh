@@ -26,13 +26,17 @@ for argument in sys.argv[1:]:
 print(digest.hexdigest())
 PY
 )" || return
+    # One stamp per set of requirements installed: the demo's and the tests' share a
+    # venv, and each must find its own after the other ran.
     if [ "${TOKENLAY_REINSTALL:-0}" != 1 ] && [ -f "$stamp_file" ] \
-        && [ "$(cat "$stamp_file")" = "$stamp" ]; then
+        && grep -qxF "$stamp" "$stamp_file"; then
         return 0
     fi
-    rm -f "$stamp_file"
-    # `|| return` as well as the callers' `set -e`: a failed install never gets a stamp.
-    "$venv/bin/python" -m pip install --quiet --upgrade pip || return
-    "$venv/bin/python" -m pip install --quiet "$@" || return
-    echo "$stamp" >"$stamp_file"
+    # A failed install leaves no stamp at all: what the venv holds is then unknown.
+    if ! { "$venv/bin/python" -m pip install --quiet --upgrade pip \
+        && "$venv/bin/python" -m pip install --quiet "$@"; }; then
+        rm -f "$stamp_file"
+        return 1
+    fi
+    echo "$stamp" >>"$stamp_file"
 }

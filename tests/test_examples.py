@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,8 +58,13 @@ def test_demo() -> None:
 def test_demo_keeps_the_ledger_it_is_given(tmp_path: Path) -> None:
     ledger = tmp_path / "spend.db"
     out = run("demo", "--ledger", str(ledger))
-    assert f"Try: tokenlay-otel spend --db {ledger} --by model --format json" in out
+    (hint,) = [line.removeprefix("Try: ") for line in out.splitlines() if line.startswith("Try: ")]
+    assert f"spend --db {ledger} --by model --format json" in hint
     assert ledger.is_file()
+    # The command it suggests runs as printed, from anywhere (the venv's, by its path).
+    tried = subprocess.run(hint.split(), capture_output=True, text=True, timeout=60, cwd="/")
+    assert tried.returncode == 0, tried.stderr
+    assert json.loads(tried.stdout)
 
 
 def test_quickstart() -> None:

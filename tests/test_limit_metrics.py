@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 from typing import Any
 
+import openai
 import pytest
 
 from tokenlay_otel import TokenlayOpenAI
@@ -130,3 +132,37 @@ def test_concurrency_is_the_live_leases(store: StoreView) -> None:
     points = asyncio.run(run())
     assert [(p.limit.type, p.value, p.used) for p in points] == [("concurrent", "u/1", 2.0)]
     assert points[0].utilization == pytest.approx(2 / 8)
+
+
+def test_rules_that_share_a_limit_list_only_the_values_they_admitted(store: StoreView) -> None:
+    """Free and pro users are counted in one requests-per-day counter (a user's day is
+    one number), but each rule shows only its own users against its own maximum."""
+    capture = SpanCapture()
+    shared = parse_rules([
+        {"id": "free", "priority": 2, "if": {"plan": "free"},
+         "then": {"limits": [{"type": "requests", "max": 6, "window": "day", "per": "user"}]}},
+        {"id": "pro", "priority": 1, "if": {"plan": "pro"},
+         "then": {"limits": [{"type": "requests", "max": 40, "window": "day", "per": "user"}]}},
+    ])  # fmt: skip
+
+    def call(user: str, plan: str) -> None:
+        client = TokenlayOpenAI(provider_api_key=PROVIDER_KEY, tokenlay_key=PROXY_KEY,
+                                tokenlay_base_url=url, max_retries=0,
+                                metadata={"user": user, "plan": plan})  # fmt: skip
+        with contextlib.suppress(openai.RateLimitError):
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+    with local_proxy(rules=shared, keys=(PROXY_KEY,), store=store.make(), limit_metrics_top=2,
+                     meter_provider=capture.meter_provider) as url:  # fmt: skip
+        work = [(f"pro{n}", "pro") for n in range(3) for _ in range(10 + n)]
+        work += [(f"free{n}", "free") for n in range(2) for _ in range(3 + n)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda who: call(*who), work))
+        utilization = _points(capture)["tokenlay.proxy.limit.utilization"]
+    by_rule: dict[str, dict[str, float]] = {}
+    for (rule, _, _, _, value), used in utilization.items():
+        by_rule.setdefault(rule, {})[value] = used
+    assert by_rule == {
+        "free": {"free1": pytest.approx(4 / 6), "free0": pytest.approx(3 / 6)},
+        "pro": {"pro2": pytest.approx(12 / 40), "pro1": pytest.approx(11 / 40)},
+    }

@@ -78,3 +78,19 @@ def test_a_changed_pyproject_reinstalls(tmp_path: Path) -> None:
     changed = _ensure(project, venv, "pip")
     assert changed.returncode != 0
     assert "No module named pip" in changed.stderr
+
+
+def test_the_demo_and_the_tests_share_a_venv_without_undoing_each_other(tmp_path: Path) -> None:
+    """./scripts/demo then ./scripts/test (other requirements, one .venv): each keeps its
+    own stamp, so the demo still runs offline after the tests installed theirs."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pyproject.toml").write_text('[project]\nname = "x"\n')
+    venv = tmp_path / "venv"
+    assert _ensure(project, venv, "pip").returncode == 0  # the demo's set
+    assert _ensure(project, venv, "pip", "--upgrade").returncode == 0  # the tests' set
+    for site in venv.glob("lib/python*/site-packages"):
+        shutil.rmtree(site / "pip")
+    for requirements in (("pip",), ("pip", "--upgrade"), ("pip",)):
+        again = _ensure(project, venv, *requirements)
+        assert again.returncode == 0, (requirements, again.stderr)

@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(stack: ExitStack, kept_ledger: Path | None) -> int:
     # Entered first, so removed last: after the proxy and the ledger closed their files.
     workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tokenlay-demo-")))
-    ledger = kept_ledger.resolve() if kept_ledger else workdir / "tokenlay-ledger.db"
+    # scripts/demo runs from the repository: a relative --ledger is the caller's.
+    caller = Path(os.environ.get("TOKENLAY_DEMO_CALLER_DIR", "."))
+    ledger = (caller / kept_ledger).resolve() if kept_ledger else workdir / "tokenlay-ledger.db"
     os.environ["TOKENLAY_LEDGER_PATH"] = str(ledger)
     proxy = stack.enter_context(
         local_proxy(
@@ -130,11 +132,14 @@ def run(stack: ExitStack, kept_ledger: Path | None) -> int:
     tokenlay_cli(["spend", "--db", str(ledger), "--by", "org", "--since", "1h"])
     print("\nspend by user (tokenlay-otel spend --by user):")
     tokenlay_cli(["spend", "--db", str(ledger), "--by", "user", "--since", "1h"])
+    # The command as it can be typed: the venv's, unless the venv is the shell's.
+    command = Path(sys.executable).parent / "tokenlay-otel"
+    shown = command if os.environ.get("VIRTUAL_ENV") != str(Path(sys.prefix)) else command.name
     if kept_ledger:
-        print(f"\nTry: tokenlay-otel spend --db {ledger} --by model --format json")
+        print(f"\nTry: {shown} spend --db {ledger} --by model --format json")
     else:
         print("\nTo keep the ledger and explore it: ./scripts/demo --ledger spend.db, then")
-        print("tokenlay-otel spend --db spend.db --by model --format json")
+        print(f"{shown} spend --db spend.db --by model --format json")
     return 0
 
 

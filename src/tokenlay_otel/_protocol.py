@@ -285,7 +285,8 @@ def parse_metadata_env(text: str, *, source: str = "TOKENLAY_METADATA") -> dict[
         name, sep, value = entry.partition("=")
         if not sep or not name.strip():
             raise ValueError(
-                f"{source}: expected 'field=value' pairs separated by ',', got {entry!r}"
+                f"{source}: expected 'field=value' pairs separated by ',', got {entry!r} "
+                "(a value with a comma writes it %2C)"
             )
         value = value.strip()
         if "%" in value:

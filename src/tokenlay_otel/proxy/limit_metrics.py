@@ -6,6 +6,9 @@ of each limit of each rule. They are read from the store when metrics are collec
 so they show what every proxy sharing the store has counted, SQLite and Redis alike.
 
 Cardinality is bounded: per limit, the ``top`` keys that used the most (default 100).
+Rules with the same limit share its counter (what a user used today is one number);
+each rule lists only the values it admitted in the window, so a pro user is not shown
+against the free plan's limit.
 Attributes: ``tokenlay.rule.id``, ``tokenlay.limit.type`` (requests, tokens, cost,
 concurrent), ``tokenlay.limit.window``, ``tokenlay.limit.field`` (the metadata field the
 limit is per) and ``tokenlay.limit.value`` (that field's value; ``*`` for calls without
@@ -24,7 +27,7 @@ from urllib.parse import unquote
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from .limits import counter_key, window_bounds
+from .limits import counter_key, rule_mark, shared_limits, window_bounds
 from .rules import Limit, Rule
 from .store import UsageStore
 
@@ -35,6 +38,9 @@ DEFAULT_TOP = 100
 #: Both gauges are observed in one collection: the store is read once for the two.
 _FRESH_S = 1.0
 _READ_TIMEOUT_S = 5.0
+#: For a shared counter, this many times ``top`` candidates are read, then those the
+#: rule admitted kept.
+_SHARED_FETCH = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,7 @@ async def limit_points(
 ) -> list[LimitPoint]:
     """Every limit's most used keys in the current window, as the store counts them."""
     now = time.time() if now is None else now
+    shared = shared_limits(rules)
     points: list[LimitPoint] = []
     for rule in rules:
         for limit in rule.limits:
@@ -75,8 +82,15 @@ async def limit_points(
             # The key of any value, cut around where the value goes.
             key = counter_key(limit.type, limit.window, field, "\0", label)
             prefix, suffix = key.split("%00")
-            for found, used in await store.largest(prefix, suffix, lease=lease, count=top):
-                value = unquote(found[len(prefix) : len(found) - len(suffix)])
+            is_shared = (limit.type, limit.window, field) in shared
+            # A counter several rules share lists only the values this rule admitted.
+            count = top * _SHARED_FETCH if is_shared else top
+            found = await store.largest(prefix, suffix, lease=lease, count=count)
+            if is_shared and found:
+                marks = await store.get_many([rule_mark(k, rule.id) for k, _ in found])
+                found = [item for item, mark in zip(found, marks, strict=True) if mark > 0]
+            for key_found, used in found[:top]:
+                value = unquote(key_found[len(prefix) : len(key_found) - len(suffix)])
                 points.append(LimitPoint(rule.id, limit, field, value, used))
     return points
 

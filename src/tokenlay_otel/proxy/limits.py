@@ -32,10 +32,14 @@ __all__ = [
     "Reservation",
     "bucket",
     "counter_key",
+    "rule_mark",
+    "shared_limits",
     "window_bounds",
 ]
 
 WARN_AT = 0.8
+#: A maximum no count reaches (finite: Redis's Lua reads no "inf").
+_NO_MAXIMUM = 1e300
 #: The bucket of calls that do not name the field a limit is per. No metadata value can
 #: name it: values are percent-encoded in keys, and '*' always is.
 ANONYMOUS = "*"
@@ -69,8 +73,31 @@ def bucket(value: Any) -> str:
 
 
 def counter_key(kind: str, window: str, field_name: str, value: Any, label: str) -> str:
-    """The store key of one limit's counter: ``tokens:day:user=u1:20261202``."""
+    """The store key of one limit's counter: ``tokens:day:user=u1:20261202``.
+
+    Rules with the same limit (type, window and field) share its counter: what a user
+    used in a day is one number, whichever rule admitted each call.
+    """
     return f"{kind}:{window}:{field_name}={bucket(value)}:{label}"
+
+
+def rule_mark(key: str, rule_id: str) -> str:
+    """The key that counts the calls one rule admitted on a shared counter: it tells
+    the limit metrics whose limit a value is under."""
+    return f"{key}:rule={bucket(rule_id)}"
+
+
+def shared_limits(rules: Sequence[Rule]) -> frozenset[tuple[str, str, str]]:
+    """The (type, window, field) of limits that more than one rule has."""
+    seen: dict[tuple[str, str, str], set[str]] = {}
+    for rule in rules:
+        for limit in rule.limits:
+            seen.setdefault(_shape(limit), set()).add(rule.id)
+    return frozenset(shape for shape, ids in seen.items() if len(ids) > 1)
+
+
+def _shape(limit: Limit) -> tuple[str, str, str]:
+    return (limit.type, limit.window, limit.tracking_key or limit.per)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +115,7 @@ class _Counter:
     subject: str  # e.g. "user u1"
     resets_at: float | None
     ttl_s: int | None
+    mark: str | None = None  # rule_mark() of a shared counter
 
     def hold(self, reservation: Reservation) -> Hold:
         kind = self.limit.type
@@ -138,7 +166,12 @@ class _Windows:
 
 
 def _counters(
-    rule: Rule, context: Mapping[str, Any], now: float, lease_s: float, windows: _Windows
+    rule: Rule,
+    context: Mapping[str, Any],
+    now: float,
+    lease_s: float,
+    windows: _Windows,
+    shared: frozenset[tuple[str, str, str]] = frozenset(),
 ) -> list[_Counter]:
     out = []
     for limit in rule.limits:
@@ -152,7 +185,8 @@ def _counters(
             label, resets = windows.bounds(limit.window, now)
             ttl = None if resets is None else int(resets - now) + LEASE_GRACE_S
         key = counter_key(limit.type, limit.window, field_name, value, label)
-        out.append(_Counter(limit, key, subject, resets, ttl))
+        mark = rule_mark(key, rule.id) if _shape(limit) in shared else None
+        out.append(_Counter(limit, key, subject, resets, ttl, mark))
     return out
 
 
@@ -190,6 +224,7 @@ class Enforcer:
         self.store = store
         self.lease_s = lease_s
         self._usage_paths = usage_paths(self.rules)
+        self._shared = shared_limits(self.rules)
         self._windows = _Windows()
         # Unique across the proxies sharing a store: a random prefix, then a count.
         self._lease_ids = (f"{os.urandom(8).hex()}-{n}" for n in itertools.count())
@@ -227,7 +262,7 @@ class Enforcer:
             decision.http_status = 403
             decision.error_message = f"blocked by rule {rule.id!r}"
             return decision
-        counters = _counters(rule, context, now, self.lease_s, self._windows)
+        counters = _counters(rule, context, now, self.lease_s, self._windows, self._shared)
         reservation = estimate(decision.model)
         if reservation.cost is None and any(c.limit.type == "cost" for c in counters):
             # Unpriced, the call would count nothing against its cost limit.
@@ -248,7 +283,12 @@ class Enforcer:
     ) -> tuple[_Counter, Hold, float] | None:
         """Take every counter's hold at once; the first one refused, if any, and its value."""
         holds = [c.hold(reservation) for c in counters]
-        index, values = await self.store.admit(holds, decision.lease_id, self.lease_s, force=force)
+        # Marks of shared counters ride in the same atomic step and never refuse.
+        marks = [Hold(c.mark, 1.0, _NO_MAXIMUM, c.ttl_s) for c in counters if c.mark]
+        index, values = await self.store.admit(
+            holds + marks, decision.lease_id, self.lease_s, force=force
+        )
+        values = values[: len(holds)]
         if index >= 0:
             return counters[index], holds[index], values[index]
         decision.held = list(zip(counters, holds, strict=True))
@@ -275,7 +315,9 @@ class Enforcer:
             deadline = time.monotonic() + (policy.delay_seconds or 10)
             while time.monotonic() < deadline:
                 await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-                counters = _counters(rule, context, time.time(), self.lease_s, self._windows)
+                counters = _counters(
+                    rule, context, time.time(), self.lease_s, self._windows, self._shared
+                )
                 decision.warnings.clear()
                 again = await self._take(decision, counters, estimate(decision.model), force=False)
                 if again is None:
@@ -294,7 +336,9 @@ class Enforcer:
             else:
                 decision.action = "warn"
                 decision.warnings.append(reason)
-            counters = _counters(rule, context, time.time(), self.lease_s, self._windows)
+            counters = _counters(
+                rule, context, time.time(), self.lease_s, self._windows, self._shared
+            )
             await self._take(decision, counters, estimate(decision.model), force=True)
             return
         decision.action = "block"
