@@ -520,3 +520,24 @@ def test_the_user_cap_holds_across_instrument_cycles_and_drop_in_clients(
     (_, points) = telemetry.metrics()["tokenlay.client.requests"]
     users_seen = {p.attributes["tokenlay.user"] for p in points}
     assert users_seen == {"u0", "_other"}  # u-first took the other place, on another provider
+
+
+def test_omit_takes_a_metadata_field_away_for_one_call(
+    wire: Wire, caplog: pytest.LogCaptureFixture
+) -> None:
+    """openai's own way to drop a default header works on metadata too, quietly."""
+    from openai import Omit
+
+    client = TokenlayOpenAI(
+        provider_api_key=PROVIDER_KEY,
+        tokenlay_key=TOKENLAY_KEY,
+        tokenlay_base_url=PROXY,
+        metadata={"user": "u1", "org": "o1"},
+        http_client=httpx.Client(transport=httpx.MockTransport(wire)),
+    )
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES,
+                                   extra_headers={"x-tokenlay-user": Omit()})  # fmt: skip
+    (request,) = wire.sent
+    assert "x-tokenlay-user" not in request.headers
+    assert request.headers["x-tokenlay-org"] == "o1"
+    assert not _lines(caplog, "WARNING")

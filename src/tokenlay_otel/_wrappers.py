@@ -7,13 +7,14 @@ through. They differ only by ``await``; everything else is in :class:`_Call`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, cast
 
-from openai import APIConnectionError, Omit
+from openai import APIConnectionError, NotGiven, Omit
 
 from ._attributes import PROVIDER, PROXY_URL, Endpoint, endpoint_for
 from ._config import ENV_ALLOW_HTTP_HOSTS, Route
@@ -23,6 +24,7 @@ from ._protocol import (
     build_request_headers,
     check_url_security,
     display_url,
+    normalize_field_name,
     parse_response_headers,
     proxy_url,
     sanitize_metadata,
@@ -119,6 +121,16 @@ class _Request:
         if self.llm is not None:  # our failure: end the span, return the call's result as is
             self.llm.end()
         return result
+
+
+def _omitted(fields: Mapping[str, object]) -> frozenset[str]:
+    """The metadata fields the caller took away with ``Omit()`` (or ``NOT_GIVEN``)."""
+    names = set()
+    for name, value in fields.items():
+        if isinstance(value, Omit | NotGiven):
+            with contextlib.suppress(ValueError):  # not a field name: nothing to take away
+                names.add(normalize_field_name(name))
+    return frozenset(names)
 
 
 # httpx's (and httpx2's) errors for a connection that was never made.
@@ -286,6 +298,7 @@ def _start(
     options: Any,
     per_request: Mapping[str, str],
     caller_rest: Mapping[str, object],
+    omitted: frozenset[str] = frozenset(),
 ) -> tuple[Any, _Request]:
     client_base, client_fields = _client_facts(client)
     url = options.url
@@ -300,6 +313,8 @@ def _start(
     else:
         route = None  # out of scope: sent as the caller made it, with nothing of ours
     metadata = _metadata_for(client_fields, route, per_request)
+    if omitted:  # the caller's Omit() takes a field away for this call, as for a header
+        metadata = {k: v for k, v in metadata.items() if k not in omitted}
     json_data = options.json_data
     body: Mapping[str, Any] = json_data if isinstance(json_data, Mapping) else {}
     endpoint = endpoint_for(options.method, url) if telemetry and isinstance(url, str) else None
@@ -420,13 +435,18 @@ def _begin(
         internal_error("reading the caller's headers")
     if split is not None:
         fields, rest = split
+        omitted = _omitted(fields)
+        if omitted:
+            fields = {k: v for k, v in fields.items() if not isinstance(v, Omit | NotGiven)}
         # Caller input on a drop-in client: a bad value is the caller's error to see,
         # raised before anything is sent. Elsewhere bad fields are dropped (logged).
         per_request = validate_metadata(fields) if route is not None and route.strict else None
         try:
             if per_request is None:
                 per_request = _drop_bad(fields)
-            new_options, request = _start(client, route, telemetry, options, per_request, rest)
+            new_options, request = _start(
+                client, route, telemetry, options, per_request, rest, omitted
+            )
             if route is not None and route.fail_open and new_options is not options:
                 request.fallback = (args, kwargs)
             return (*_rebind(args, kwargs, new_options, in_kwargs), request)
