@@ -469,7 +469,7 @@ def test_help_shows_every_flag_with_its_default() -> None:
     ).stdout
     proxy = build_parser()._subparsers._group_actions[0].choices["proxy"]  # type: ignore[union-attr]
     flags = [a for a in proxy._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) == 26
+    assert len(flags) == 27
     text = " ".join(help_text.split())
     for action in flags:
         assert action.help is not None

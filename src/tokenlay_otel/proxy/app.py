@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Coroutine, Sequence
@@ -153,7 +154,8 @@ class Gateway:
             await self._serve(scope, receive, send)
         elif path == "/health" and method in ("GET", "HEAD"):
             store = type(self.config.store).__name__
-            await send_json(send, 200, {"status": "ok", "store": store})
+            # The process answering: with --workers N, which worker took the call.
+            await send_json(send, 200, {"status": "ok", "store": store, "pid": os.getpid()})
         else:
             await send_json(send, 404, error_body(f"no route {path}", "invalid_request_error"))
 

@@ -95,6 +95,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     add("--port", type=int, default=8787, help="port to listen on (default: %(default)s)")
+    add(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="processes serving the port, sharing the store (SQLite file or Redis) so limits "
+        "stay exact across them; 0 or 'auto': one per core (default: %(default)s)",
+    )
     add("--rules", help="rules file, YAML or JSON (default: none, allow everything)")
     add(
         "--keys-file",
@@ -369,9 +377,12 @@ def _address(sockets: list[socket.socket], host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _announcing_server(config: uvicorn.Config, line: Callable[[str], str]) -> uvicorn.Server:
+def _announcing_server(
+    config: uvicorn.Config, line: Callable[[str], str], *, announce: bool = True
+) -> uvicorn.Server:
     """A uvicorn server that says on stderr when it listens (``line(address)``) and when
-    it has stopped (after the calls in flight settled)."""
+    it has stopped (after the calls in flight settled); quiet with ``announce=False``
+    (a worker: the parent speaks for them all)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -379,16 +390,87 @@ def _announcing_server(config: uvicorn.Config, line: Callable[[str], str]) -> uv
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
-            if self.started:
+            if self.started and announce:
                 listening = [s for server in self.servers for s in server.sockets]
                 self.address = _address(listening, config.host, config.port)
                 print(line(self.address), file=sys.stderr, flush=True)
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             await super().shutdown(sockets=sockets)
-            print(f"tokenlay-otel proxy: stopped ({self.address})", file=sys.stderr, flush=True)
+            if announce:
+                print(f"tokenlay-otel proxy: stopped ({self.address})", file=sys.stderr,
+                      flush=True)  # fmt: skip
 
     return Server(config)
+
+
+def _prefork(
+    args: argparse.Namespace, workers: int, serve: Callable[[list[socket.socket], bool], int]
+) -> int:
+    """Bind the port here, fork ``workers`` processes that serve it, and stop them all
+    on SIGINT/SIGTERM. The kernel spreads connections over them; the store they share
+    keeps every limit exact (the same atomic steps as several proxies on one store)."""
+    import signal
+
+    import uvicorn
+
+    # Bound once, before the fork: every worker accepts on the same socket.
+    sock = uvicorn.Config(
+        app="unused:app", host=args.host, port=args.port, log_level=args.log_level
+    ).bind_socket()
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve until told to stop, never return into the parent
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                code = serve([sock], False)
+            finally:
+                os._exit(code)
+        children.append(pid)
+    address = _address([sock], args.host, args.port)
+    print(f"tokenlay-otel proxy: {workers} workers (pids {', '.join(map(str, children))}) "
+          f"on {address}", file=sys.stderr, flush=True)  # fmt: skip
+
+    def forward(signum: int, frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    worst = 0
+    for child in children:
+        _, status = os.waitpid(child, 0)
+        worst = max(worst, os.waitstatus_to_exitcode(status))
+    sock.close()
+    print(f"tokenlay-otel proxy: stopped ({address}, {workers} workers)", file=sys.stderr,
+          flush=True)  # fmt: skip
+    return worst
+
+
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    if not 0 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"expected 0 (one per core) to 256, got {value}")
+    return value
+
+
+def worker_count(requested: int) -> int:
+    """``--workers``: 0 means one per core this process may run on."""
+    if requested:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -414,24 +496,34 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"tokenlay-otel proxy: {exc}") from None
     raise_open_files_limit()  # before max_connections is derived from it
     limits = server_limits(args)
-    if os.environ.get("OTEL_TRACES_EXPORTER") or os.environ.get("OTEL_METRICS_EXPORTER"):
-        from tokenlay_otel.exporters import configure
+    workers = worker_count(args.workers)
 
-        configure(service_name=os.environ.get("OTEL_SERVICE_NAME") or "tokenlay-proxy")
-    store = open_store(redis_url=args.redis_url, sqlite_path=args.db)
-    try:
-        app = create_app(ProxyConfig(keys=keys, rules=rules, store=store, **options))
-    except ValueError as exc:  # a malformed --allow-provider pattern, named in the message
-        raise SystemExit(f"tokenlay-otel proxy: {exc}") from None
-    config = uvicorn_config(
-        app, host=args.host, port=args.port, limits=limits, log_level=args.log_level
-    )
-    server = _announcing_server(
-        config,
-        lambda address: describe_startup(
-            args, address=address, keys=len(keys), rules=len(rules), options=options
-        ),
-    )
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn has shut down already
-        server.run()
-    return 0 if server.started else 3  # uvicorn's exit status for a failed startup
+    def serve(sockets: list[socket.socket] | None, announce: bool) -> int:
+        # Built here, in the process that serves: a store connection, the upstream
+        # client and the telemetry exporters are not shared across a fork.
+        if os.environ.get("OTEL_TRACES_EXPORTER") or os.environ.get("OTEL_METRICS_EXPORTER"):
+            from tokenlay_otel.exporters import configure
+
+            configure(service_name=os.environ.get("OTEL_SERVICE_NAME") or "tokenlay-proxy")
+        store = open_store(redis_url=args.redis_url, sqlite_path=args.db)
+        try:
+            app = create_app(ProxyConfig(keys=keys, rules=rules, store=store, **options))
+        except ValueError as exc:  # a malformed --allow-provider pattern, named in it
+            raise SystemExit(f"tokenlay-otel proxy: {exc}") from None
+        config = uvicorn_config(
+            app, host=args.host, port=args.port, limits=limits, log_level=args.log_level
+        )
+        server = _announcing_server(
+            config,
+            lambda address: describe_startup(
+                args, address=address, keys=len(keys), rules=len(rules), options=options
+            ),
+            announce=announce,
+        )
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn has shut down already
+            server.run(sockets=sockets)
+        return 0 if server.started else 3  # uvicorn's exit status for a failed startup
+
+    if workers == 1:
+        return serve(None, announce=True)
+    return _prefork(args, workers, serve)

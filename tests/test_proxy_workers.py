@@ -1,0 +1,99 @@
+"""``tokenlay-otel proxy --workers N``: several processes on one port, one shared store,
+limits exact across them; SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+
+from tokenlay_otel import TokenlayOpenAI
+from tokenlay_otel.cli import build_parser
+from tokenlay_otel.proxy.serve import worker_count
+
+from .conftest import PROVIDER_KEY
+from .proxy_harness import PROXY_KEY, proxy_subprocess
+from .proxy_store_view import StoreView, redis_url, store
+
+__all__ = ["redis_url", "store"]  # fixtures
+
+LIMIT = 25
+
+
+def _rules(tmp_path: Path) -> str:
+    path = tmp_path / "rules.json"
+    limits = [{"type": "requests", "max": LIMIT, "window": "total", "per": "org"}]
+    path.write_text(json.dumps([{"id": "shared", "if": {}, "then": {"limits": limits}}]))
+    return str(path)
+
+
+def _store_args(view: StoreView) -> tuple[str, ...]:
+    return ("--redis-url", view.redis_url) if view.redis_url else ("--db", str(view.path))
+
+
+def _pids(url: str) -> set[int]:
+    def one(_: int) -> int:
+        with urllib.request.urlopen(url + "/health", timeout=10) as answer:
+            return int(json.loads(answer.read())["pid"])
+
+    seen: set[int] = set()
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(10):  # the kernel hands connections to whichever worker is free
+            seen |= set(pool.map(one, range(40)))
+            if len(seen) > 1:
+                break
+    return seen
+
+
+def test_two_workers_share_one_limit_exactly(store: StoreView, tmp_path: Path) -> None:
+    args = ("--mock-upstream", "--rules", _rules(tmp_path), "--workers", "2", *_store_args(store))
+    with proxy_subprocess(*args) as (url, proc):
+        workers = _pids(url)
+        assert len(workers) == 2 and proc.pid not in workers
+        client = TokenlayOpenAI(
+            provider_api_key=PROVIDER_KEY,
+            tokenlay_key=PROXY_KEY,
+            tokenlay_base_url=url,
+            max_retries=0,
+            metadata={"org": "acme"},
+        )
+
+        def call(i: int) -> int:
+            try:
+                client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": f"q{i}"}]
+                )
+                return 200
+            except openai.RateLimitError:
+                return 429
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            statuses = list(pool.map(call, range(LIMIT * 3)))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        stderr = proc.stderr.read() if proc.stderr else ""
+    assert statuses.count(200) == LIMIT, statuses
+    assert statuses.count(429) == 2 * LIMIT
+    assert "2 workers" in stderr and "stopped" in stderr
+    time.sleep(0.2)
+    for pid in workers:  # no worker outlives the parent
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_workers_flag() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["proxy", "--workers", "auto"]).workers == 0
+    assert parser.parse_args(["proxy"]).workers == 1
+    for bad in ("-1", "x", "1000"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["proxy", "--workers", bad])
+    assert worker_count(3) == 3
+    assert worker_count(0) == len(os.sched_getaffinity(0))
