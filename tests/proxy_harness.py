@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from tokenlay_otel.proxy import ProxyConfig
 from tokenlay_otel.proxy.local import free_port, local_proxy
@@ -117,3 +118,22 @@ def redis_server(tmp: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def statuses_of_calls(clients: list[Any], count: int, *, threads: int = 16) -> list[int]:
+    """``count`` chat calls spread over ``clients`` at once: 200 or 429 for each."""
+    import openai
+
+    def call(i: int) -> int:
+        try:
+            clients[i % len(clients)].chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": f"q{i}"}]
+            )
+            return 200
+        except openai.RateLimitError:
+            return 429
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(call, range(count)))

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import openai
 
 from tokenlay_otel import TokenlayOpenAI
 
 from .conftest import PROVIDER_KEY
-from .proxy_harness import PROXY_KEY, proxy_process, redis_server
+from .proxy_harness import PROXY_KEY, proxy_process, redis_server, statuses_of_calls
 
 LIMIT = 25
 
@@ -47,16 +44,6 @@ def test_two_proxies_share_one_limit_exactly(tmp_path: Path) -> None:
                 for url in (a, b)
             ]
 
-            def call(i: int) -> int:
-                try:
-                    clients[i % 2].chat.completions.create(
-                        model="gpt-4o-mini", messages=[{"role": "user", "content": f"q{i}"}]
-                    )
-                    return 200
-                except openai.RateLimitError:
-                    return 429
-
-            with ThreadPoolExecutor(max_workers=16) as pool:
-                statuses = list(pool.map(call, range(LIMIT * 3)))
+            statuses = statuses_of_calls(clients, LIMIT * 3)
     assert statuses.count(200) == LIMIT
     assert statuses.count(429) == 2 * LIMIT

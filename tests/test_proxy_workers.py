@@ -11,7 +11,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import openai
 import pytest
 
 from tokenlay_otel import TokenlayOpenAI
@@ -19,7 +18,7 @@ from tokenlay_otel.cli import build_parser
 from tokenlay_otel.proxy.serve import worker_count
 
 from .conftest import PROVIDER_KEY
-from .proxy_harness import PROXY_KEY, proxy_subprocess
+from .proxy_harness import PROXY_KEY, proxy_subprocess, statuses_of_calls
 from .proxy_store_view import StoreView, redis_url, store
 
 __all__ = ["redis_url", "store"]  # fixtures
@@ -65,17 +64,7 @@ def test_two_workers_share_one_limit_exactly(store: StoreView, tmp_path: Path) -
             metadata={"org": "acme"},
         )
 
-        def call(i: int) -> int:
-            try:
-                client.chat.completions.create(
-                    model="gpt-4o-mini", messages=[{"role": "user", "content": f"q{i}"}]
-                )
-                return 200
-            except openai.RateLimitError:
-                return 429
-
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            statuses = list(pool.map(call, range(LIMIT * 3)))
+        statuses = statuses_of_calls([client], LIMIT * 3)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         stderr = proc.stderr.read() if proc.stderr else ""
