@@ -65,7 +65,8 @@ def test_the_proxy_says_when_it_listens_and_when_it_stopped(tmp_path: Path) -> N
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenlay_otel.cli", "proxy", "--port", "0", "--mock-upstream",
          "--rules", str(RULES), "--db", str(db)],
-        env={**os.environ, "TOKENLAY_PROXY_KEYS": "k1,k2"},
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+             "TOKENLAY_PROXY_KEYS": "k1,k2"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -83,6 +84,8 @@ def test_the_proxy_says_when_it_listens_and_when_it_stopped(tmp_path: Path) -> N
         assert f"3 rules from {RULES}" in started
         assert "2 keys" in started
         assert "mock upstream" in started
+        assert started.rstrip().endswith("telemetry off (set OTEL_TRACES_EXPORTER / "
+                                         "OTEL_METRICS_EXPORTER)")  # fmt: skip
         assert "k1" not in started
         proc.send_signal(signal.SIGTERM)
         _, rest = proc.communicate(timeout=30)
@@ -113,10 +116,10 @@ def test_startup_line_names_the_allow_list_and_hides_a_redis_password() -> None:
     assert "user" not in line
     assert "store Redis redis://***@redis.internal:6390/2;" in line
     assert "0 rules (every call allowed); 1 key;" in line
-    assert line.endswith(
+    assert (
         f"upstream: the public providers over https ({len(DEFAULT_PROVIDERS)} patterns) + "
-        "http://10.0.0.5:8000, https://llm.corp"
-    )
+        "http://10.0.0.5:8000, https://llm.corp; "
+    ) in line
 
 
 @pytest.mark.parametrize("url", ["redis://localhost", "redis://:pw@localhost:6379"])
@@ -124,3 +127,12 @@ def test_startup_line_for_plain_redis_urls(url: str) -> None:
     line = _startup_line("--redis-url", url)
     assert "pw" not in line
     assert "store Redis redis://" in line
+
+
+def test_the_start_line_says_where_telemetry_goes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenlay_otel.proxy.serve import _telemetry_name
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "prometheus")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", "9999")
+    assert _telemetry_name() == "traces: otlp, metrics: prometheus (http://localhost:9999/metrics)"

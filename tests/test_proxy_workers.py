@@ -86,3 +86,26 @@ def test_workers_flag() -> None:
             parser.parse_args(["proxy", "--workers", bad])
     assert worker_count(3) == 3
     assert worker_count(0) == len(os.sched_getaffinity(0))
+
+
+def test_a_port_in_use_is_one_clear_line() -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for workers in ("1", "2"):
+            result = subprocess.run(
+                [sys.executable, "-m", "tokenlay_otel.cli", "proxy", "--mock-upstream",
+                 "--port", str(port), "--workers", workers],
+                env={**os.environ, "TOKENLAY_PROXY_KEYS": PROXY_KEY},
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert result.returncode != 0
+            assert result.stderr.strip() == (
+                f"tokenlay-otel proxy: cannot listen on 127.0.0.1:{port} (Address already in "
+                "use); another process listens there: pick another --port"
+            )

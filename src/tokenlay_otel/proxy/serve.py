@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import math
 import os
+import socket
 import sys
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -16,8 +18,6 @@ from typing import TYPE_CHECKING, Any
 from .server import ServerLimits
 
 if TYPE_CHECKING:
-    import socket
-
     import uvicorn
 
 __all__ = [
@@ -364,8 +364,24 @@ def describe_startup(
     return (
         f"tokenlay-otel proxy: listening on {address}; store {_store_name(args)}; "
         f"{_plural(rules, 'rule')}{rules_source}; {_plural(keys, 'key')}; "
-        f"{_upstream_name(options['mock_upstream'], options.get('allow_providers', ()))}"
+        f"{_upstream_name(options['mock_upstream'], options.get('allow_providers', ()))}; "
+        f"{_telemetry_name()}"
     )
+
+
+def _telemetry_name() -> str:
+    """Where the proxy's spans and metrics go (the CLI configures the exporters the
+    OTEL_* variables name, see :func:`run`)."""
+    traces = os.environ.get("OTEL_TRACES_EXPORTER", "").strip()
+    metrics = os.environ.get("OTEL_METRICS_EXPORTER", "").strip()
+    if not (traces or metrics):
+        return "telemetry off (set OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER)"
+    where = f"traces: {traces or 'otlp'}, metrics: {metrics or 'otlp'}"
+    if "prometheus" in metrics.split(","):
+        host = os.environ.get("OTEL_EXPORTER_PROMETHEUS_HOST") or "localhost"
+        port = os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT") or "9464"
+        where += f" (http://{host}:{port}/metrics)"
+    return where
 
 
 def _address(sockets: list[socket.socket], host: str, port: int) -> str:
@@ -404,6 +420,33 @@ def _announcing_server(
     return Server(config)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a port in use is one clear line (uvicorn
+    would log a bare ``[Errno 98]`` and exit 3).
+
+    Raises:
+        SystemExit: the address cannot be listened on, saying which and why.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart past TIME_WAIT
+        sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)  # uvicorn sets its own backlog when it serves it
+    except OSError as exc:
+        sock.close()
+        hint = (
+            "; another process listens there: pick another --port"
+            if (exc.errno == errno.EADDRINUSE)
+            else ""
+        )
+        raise SystemExit(
+            f"tokenlay-otel proxy: cannot listen on {host}:{port} ({exc.strerror}){hint}"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def _prefork(
     args: argparse.Namespace, workers: int, serve: Callable[[list[socket.socket], bool], int]
 ) -> int:
@@ -412,12 +455,8 @@ def _prefork(
     keeps every limit exact (the same atomic steps as several proxies on one store)."""
     import signal
 
-    import uvicorn
-
     # Bound once, before the fork: every worker accepts on the same socket.
-    sock = uvicorn.Config(
-        app="unused:app", host=args.host, port=args.port, log_level=args.log_level
-    ).bind_socket()
+    sock = listen(args.host, args.port)
     children: list[int] = []
     for _ in range(workers):
         pid = os.fork()
@@ -525,5 +564,5 @@ def run(args: argparse.Namespace) -> int:
         return 0 if server.started else 3  # uvicorn's exit status for a failed startup
 
     if workers == 1:
-        return serve(None, announce=True)
+        return serve([listen(args.host, args.port)], announce=True)
     return _prefork(args, workers, serve)
