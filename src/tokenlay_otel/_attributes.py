@@ -14,7 +14,12 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from ._protocol import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS, TokenlayResponseMetadata
+from ._protocol import (
+    MAX_REPORTED_COST_USD,
+    MAX_REPORTED_TOKENS,
+    TokenlayResponseMetadata,
+    encodable,
+)
 
 __all__ = [
     "Endpoint",
@@ -382,13 +387,8 @@ _MAX_REASONS = 16
 def short_text(value: object) -> str | None:
     """``value`` if it is a non-empty string an answer may fairly hold: at most
     :data:`MAX_TEXT` characters, and encodable (a lone surrogate is not)."""
-    if type(value) is not str or not value or len(value) > MAX_TEXT:
+    if type(value) is not str or not value or len(value) > MAX_TEXT or not encodable(value):
         return None
-    if not value.isascii():
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            return None
     return value
 
 

@@ -22,7 +22,6 @@ from ._config import (
     ENV_REQUIRE_ROUTE,
     ENV_TOKENLAY_BASE_URL,
     ENV_TOKENLAY_METADATA,
-    Route,
     Settings,
 )
 from ._pricing import warm_up
@@ -39,14 +38,6 @@ _SUPPORTED = ("openai >= 1.40, < 4",)
 
 
 _AZURE = (openai.AzureOpenAI, openai.AsyncAzureOpenAI)
-
-
-def _route_for(instance: Any, route: Route | None) -> Route | None:
-    # Azure clients put the deployment in the URL and use their own auth header; they
-    # are traced but not re-addressed.
-    if isinstance(instance, _AZURE):
-        return None
-    return route
 
 
 def _tap_response(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
@@ -129,32 +120,18 @@ class TokenlayInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # untyped b
         redact_openai_debug_logs()
         install_telemetry(telemetry)
 
-        def refusal(instance: Any) -> Unroutable | None:
-            if azure is not None and isinstance(instance, _AZURE):
-                return azure
-            return unroutable
+        def target(instance: Any) -> dict[str, Any]:
+            # Azure clients put the deployment in the URL and use their own auth header:
+            # traced, not re-addressed (and refused when routing is required).
+            if isinstance(instance, _AZURE):
+                return {"route": None, "telemetry": telemetry, "unroutable": azure or unroutable}
+            return {"route": route, "telemetry": telemetry, "unroutable": unroutable}
 
         def sync_request(wrapped: Any, instance: Any, args: Any, kw: Any) -> Any:
-            return request_sync(
-                wrapped,
-                instance,
-                args,
-                kw,
-                route=_route_for(instance, route),
-                telemetry=telemetry,
-                unroutable=refusal(instance),
-            )
+            return request_sync(wrapped, instance, args, kw, **target(instance))
 
         async def async_request(wrapped: Any, instance: Any, args: Any, kw: Any) -> Any:
-            return await request_async(
-                wrapped,
-                instance,
-                args,
-                kw,
-                route=_route_for(instance, route),
-                telemetry=telemetry,
-                unroutable=refusal(instance),
-            )
+            return await request_async(wrapped, instance, args, kw, **target(instance))
 
         wrap_function_wrapper(_MODULE, "SyncAPIClient.request", sync_request)
         wrap_function_wrapper(_MODULE, "AsyncAPIClient.request", async_request)

@@ -30,6 +30,7 @@ __all__ = [
     "decode_value",
     "decode_wire_value",
     "display_url",
+    "encodable",
     "encode_value",
     "field_header",
     "metadata_from_request_headers",
@@ -485,14 +486,14 @@ def _parse_warnings(header: str, value: str) -> tuple[str, ...] | None:
         _ignore(header)
         return None
     kept = tuple(
-        item for item in data[:_MAX_WARNINGS] if len(item) <= _MAX_WARNING and _encodable(item)
+        item for item in data[:_MAX_WARNINGS] if len(item) <= _MAX_WARNING and encodable(item)
     )
     if len(kept) != len(data):
         _log.debug("ignoring %d of the warnings in %s", len(data) - len(kept), header)
     return kept
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
     """Whether ``text`` can be exported: JSON's ``\\ud800`` decodes to a lone surrogate,
     which UTF-8 (and so OTLP) cannot carry."""
     if text.isascii():

@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
 
 from tokenlay_otel._fork import renew_after_fork
-from tokenlay_otel._protocol import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS
+from tokenlay_otel._protocol import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS, encodable
 
 __all__ = ["DEFAULT_LEDGER_PATH", "ENV_LEDGER_PATH", "LedgerSpanExporter", "connect", "row_of"]
 
@@ -121,20 +121,12 @@ def _storable(column: str, value: Any) -> bool:
         return True
     bound = _BOUNDS.get(column)
     if bound is None:
-        return type(value) is str and (value.isascii() or _encodable(value))
+        return type(value) is str and encodable(value)
     kind = type(value)
     if kind is int or (kind is float and column == "cost_usd"):
         number: float = value
         return 0 <= number <= bound  # NaN fails it too
     return False
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def row_of(span: ReadableSpan) -> tuple[Any, ...] | None:
