@@ -19,6 +19,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -438,3 +439,44 @@ def test_an_upload_that_takes_too_long_in_all_is_cut(
                       b"x" * 40, pause_s=0.3)  # fmt: skip
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"took over 1.5 s" in answer and b"invalid_request_error" in answer
+
+
+def test_shutdown_mid_upload_gives_the_request_back_and_ends_every_span(
+    provider: EchoProvider, telemetry: SpanCapture, tmp_path: Path
+) -> None:
+    import socket
+    import time
+
+    from tokenlay_otel.proxy import SQLiteStore, parse_rules
+
+    rules = parse_rules([{"id": "r", "if": {}, "then": {"limits": [
+        {"type": "requests", "max": 10, "window": "total", "per": "user"}]}}])  # fmt: skip
+    config = {"tracer_provider": telemetry.provider, "meter_provider": telemetry.meter_provider,
+              "shutdown_timeout_s": 0.5}  # fmt: skip
+    store = SQLiteStore(tmp_path / "usage.db")
+    from tokenlay_otel.proxy.server import ServerLimits
+
+    limits = ServerLimits(graceful_shutdown_s=1)  # then the gateway's shutdown ends the call
+    with local_proxy(mock_upstream=False, allow_providers=(provider.url,), rules=rules,
+                     store=store, server_limits=limits, **config) as proxy:  # fmt: skip
+        port = int(proxy.rsplit(":", 1)[1])
+        head = (
+            "POST /v1/files HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+            f"authorization: Bearer {DEFAULT_LOCAL_KEY}\r\n"
+            f"x-tokenlay-provider-key: {PROVIDER_KEY}\r\n"
+            f"x-tokenlay-provider-base: {provider.url}/v1\r\nx-tokenlay-user: u1\r\n"
+            "content-type: application/octet-stream\r\ncontent-length: 1000000\r\n\r\n"
+        )
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(head.encode() + b"x" * 1000)  # ...and the rest never comes
+        time.sleep(0.5)
+    sock.close()
+    exits = [s.attributes.get("tokenlay.proxy.exit") for s in telemetry.spans()]
+    assert [e for e in exits if e is not None] == ["shutdown"]
+    upstream = [s for s in telemetry.spans() if s.name.startswith("upstream ")]
+    assert len(upstream) == 1 and upstream[0].end_time is not None
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "usage.db")) as db:
+        counted = db.execute("SELECT key, value FROM usage").fetchall()
+    assert [v for k, v in counted if k.startswith("requests:")] == [0.0]  # given back

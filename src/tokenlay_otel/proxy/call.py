@@ -264,7 +264,19 @@ class Call(Responder):
     # --- upstream --------------------------------------------------------------------
 
     async def _upload(self) -> AsyncIterator[bytes]:
-        """A pass-through body, streamed upstream as the client sends it (bounded)."""
+        """A pass-through body, streamed upstream as the client sends it (bounded).
+
+        An upload that does not end (stopped, cut, cancelled at shutdown) never reached
+        the provider whole: the call is then settled as not asked, its request given
+        back."""
+        try:
+            async for chunk in self._upload_chunks():
+                yield chunk
+        except BaseException:
+            self.asked, self.refund = False, True
+            raise
+
+    async def _upload_chunks(self) -> AsyncIterator[bytes]:
         config, size = self.gw.config, 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + config.upload_timeout_s
@@ -329,6 +341,9 @@ class Call(Responder):
             else:
                 await self._unreachable(exc, headers)
             return
+        except BaseException:  # cancelled (shutdown), or our bug: the span still ends
+            upstream_span.end()
+            raise
         self._watch_client()  # the body is all sent: the channel is free to watch
         upstream_span.set_attribute("http.response.status_code", upstream.status_code)
         upstream_span.end()
@@ -342,7 +357,7 @@ class Call(Responder):
             await upstream.aclose()
 
     async def _upload_stopped(self, stop: UploadStopped, headers: dict[str, str]) -> None:
-        self.exit, self.asked, self.refund = "upload_stopped", False, True
+        self.exit = "upload_stopped"  # _upload has given the request back
         await self._settle()
         _log.info("an upload stopped: %s", stop.message)
         if not self.gone:

@@ -227,7 +227,8 @@ class Enforcer:
         self._shared = shared_limits(self.rules)
         self._windows = _Windows()
         # Unique across the proxies sharing a store: a random prefix, then a count.
-        self._lease_ids = (f"{os.urandom(8).hex()}-{n}" for n in itertools.count())
+        prefix = os.urandom(8).hex()
+        self._lease_ids = (f"{prefix}-{n}" for n in itertools.count())
 
     async def _usage_context(self, context: Mapping[str, Any], now: float) -> dict[str, float]:
         """``usage.<type>`` (today, this user) and ``usage.<type>_<window>`` if asked for."""
