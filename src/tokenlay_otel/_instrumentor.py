@@ -120,12 +120,13 @@ class TokenlayInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # untyped b
         redact_openai_debug_logs()
         install_telemetry(telemetry)
 
+        # Azure clients put the deployment in the URL and use their own auth header:
+        # traced, not re-addressed (and refused when routing is required).
+        plain = {"route": route, "telemetry": telemetry, "unroutable": unroutable}
+        azure_kw = {"route": None, "telemetry": telemetry, "unroutable": azure or unroutable}
+
         def target(instance: Any) -> dict[str, Any]:
-            # Azure clients put the deployment in the URL and use their own auth header:
-            # traced, not re-addressed (and refused when routing is required).
-            if isinstance(instance, _AZURE):
-                return {"route": None, "telemetry": telemetry, "unroutable": azure or unroutable}
-            return {"route": route, "telemetry": telemetry, "unroutable": unroutable}
+            return azure_kw if isinstance(instance, _AZURE) else plain
 
         def sync_request(wrapped: Any, instance: Any, args: Any, kw: Any) -> Any:
             return request_sync(wrapped, instance, args, kw, **target(instance))

@@ -222,6 +222,9 @@ class MetricRecorder:
         self._fields = tuple(
             (f, metadata_attribute(f), process_cap(f, value_limit)) for f in metadata_fields
         )
+        # Named by the answer, not the caller: capped like a user, so an upstream that
+        # names a new model on each call cannot flood the metrics (or this cache).
+        self._model_cap = process_cap(RESPONSE_MODEL, _MODEL_LIMIT)
         self._sets: dict[tuple[object, ...], _AttributeSets] = {}
         self.duration = meter.create_histogram(
             DURATION_METRIC,
@@ -290,26 +293,27 @@ class MetricRecorder:
             None if (value := metadata.get(field)) is None else cap(value)
             for field, _, cap in self._fields
         ])  # fmt: skip
+        model = None if m.response_model is None else self._model_cap(m.response_model)
         key = (
-            m.operation, m.provider, m.request_model, m.response_model, m.error_type,
+            m.operation, m.provider, m.request_model, model, m.error_type,
             m.rule_action, m.cost_source, m.routed, m.model_shifted, m.bypassed, capped,
         )  # fmt: skip
         sets = self._sets.get(key)
         if sets is None:
-            sets = self._build_sets(m, capped)
+            sets = self._build_sets(m, capped, model)
             if len(self._sets) >= _SETS_LIMIT:
                 self._sets.clear()
             self._sets[key] = sets
         return sets
 
-    def _build_sets(self, m: CallMeasurements, capped: tuple[str | None, ...]) -> _AttributeSets:
+    def _build_sets(
+        self, m: CallMeasurements, capped: tuple[str | None, ...], model: str | None
+    ) -> _AttributeSets:
         common: dict[str, Any] = {OPERATION: m.operation, PROVIDER: m.provider}
         if m.request_model:
             common[REQUEST_MODEL] = m.request_model
-        if m.response_model is not None:
-            # Named by the answer, not the caller: capped like a user, so an upstream
-            # that names a new model on each call cannot flood the metrics.
-            common[RESPONSE_MODEL] = process_cap(RESPONSE_MODEL, _MODEL_LIMIT)(m.response_model)
+        if model is not None:
+            common[RESPONSE_MODEL] = model
         if m.error_type is not None:
             common[ERROR_TYPE] = m.error_type
         for (_, name, _), value in zip(self._fields, capped, strict=True):

@@ -123,14 +123,18 @@ class _Request:
         return result
 
 
-def _omitted(fields: Mapping[str, object]) -> frozenset[str]:
-    """The metadata fields the caller took away with ``Omit()`` (or ``NOT_GIVEN``)."""
+def _omitted(fields: dict[str, object]) -> tuple[dict[str, object], frozenset[str]]:
+    """The fields with a value, and those the caller took away with ``Omit()`` (or
+    ``NOT_GIVEN``), by canonical name."""
     names = set()
     for name, value in fields.items():
         if isinstance(value, Omit | NotGiven):
             with contextlib.suppress(ValueError):  # not a field name: nothing to take away
                 names.add(normalize_field_name(name))
-    return frozenset(names)
+    if not names:
+        return fields, frozenset()
+    kept = {k: v for k, v in fields.items() if not isinstance(v, Omit | NotGiven)}
+    return kept, frozenset(names)
 
 
 # httpx's (and httpx2's) errors for a connection that was never made.
@@ -298,7 +302,7 @@ def _start(
     options: Any,
     per_request: Mapping[str, str],
     caller_rest: Mapping[str, object],
-    omitted: frozenset[str] = frozenset(),
+    omitted: frozenset[str],
 ) -> tuple[Any, _Request]:
     client_base, client_fields = _client_facts(client)
     url = options.url
@@ -435,9 +439,7 @@ def _begin(
         internal_error("reading the caller's headers")
     if split is not None:
         fields, rest = split
-        omitted = _omitted(fields)
-        if omitted:
-            fields = {k: v for k, v in fields.items() if not isinstance(v, Omit | NotGiven)}
+        fields, omitted = _omitted(fields)
         # Caller input on a drop-in client: a bad value is the caller's error to see,
         # raised before anything is sent. Elsewhere bad fields are dropped (logged).
         per_request = validate_metadata(fields) if route is not None and route.strict else None

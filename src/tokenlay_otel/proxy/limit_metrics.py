@@ -73,6 +73,7 @@ async def limit_points(
     """Every limit's most used keys in the current window, as the store counts them."""
     now = time.time() if now is None else now
     shared = shared_limits(rules)
+    readings: dict[tuple[str, str, bool, int], list[tuple[str, float]]] = {}
     points: list[LimitPoint] = []
     for rule in rules:
         for limit in rule.limits:
@@ -85,7 +86,11 @@ async def limit_points(
             is_shared = (limit.type, limit.window, field) in shared
             # A counter several rules share lists only the values this rule admitted.
             count = top * _SHARED_FETCH if is_shared else top
-            found = await store.largest(prefix, suffix, lease=lease, count=count)
+            # Rules sharing a counter read it once (on Redis, one SCAN of the keys).
+            read = (prefix, suffix, lease, count)
+            if read not in readings:
+                readings[read] = await store.largest(prefix, suffix, lease=lease, count=count)
+            found = readings[read]
             if is_shared and found:
                 marks = await store.get_many([rule_mark(k, rule.id) for k, _ in found])
                 found = [item for item, mark in zip(found, marks, strict=True) if mark > 0]
