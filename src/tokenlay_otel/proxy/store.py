@@ -121,6 +121,12 @@ class SQLiteStore(UsageStore):
         if self._db is None:
             db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
+            # With WAL, NORMAL syncs at checkpoints, not at every commit: a commit is
+            # durable against a crash of the proxy (the OS has it), and only a power
+            # loss or an OS crash may take back the last commits, counting less than
+            # was used in those moments. FULL costs an fsync per admit and per settle
+            # (measured: ~18 ms added per call, 100 calls/s at most on this disk).
+            db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=30000")
             db.executescript(_SCHEMA)
             self._db = db
