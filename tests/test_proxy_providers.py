@@ -13,7 +13,12 @@ import httpcore2
 import httpx2
 import pytest
 
-from tokenlay_otel.proxy.connect import _with_pool, refused_by_policy, upstream_transport
+from tokenlay_otel.proxy.connect import (
+    ReadableStream,
+    _with_pool,
+    refused_by_policy,
+    upstream_transport,
+)
 from tokenlay_otel.proxy.providers import DEFAULT_PROVIDERS, AllowList, ProviderError
 
 DEFAULTS = AllowList.build()
@@ -600,3 +605,36 @@ def test_with_pool_fails_loudly_when_httpx2_changes() -> None:
     del transport._pool
     with pytest.raises(RuntimeError, match="_pool"):
         _with_pool(transport, httpcore2.AsyncConnectionPool())
+
+
+def test_readable_stream_tells_a_hang_up_as_the_anyio_stream_does() -> None:
+    """The pool's "did the server hang up?" check, answered by one poll, agrees with
+    httpcore2's own AnyIO stream: no while the server is quiet, yes once it closed."""
+
+    async def scenario() -> list[tuple[bool, bool]]:
+        closing = asyncio.Event()
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await closing.wait()
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        seen = []
+        async with server:
+            inner = await httpcore2.AnyIOBackend().connect_tcp("127.0.0.1", port)
+            stream = ReadableStream(inner)
+            await stream.write(b"")  # a no-op through the wrapper
+            seen.append((stream.get_extra_info("is_readable"), inner.get_extra_info("is_readable")))
+            closing.set()
+            for _ in range(200):  # the FIN arrives soon after
+                await asyncio.sleep(0.01)
+                if inner.get_extra_info("is_readable"):
+                    break
+            seen.append((stream.get_extra_info("is_readable"), inner.get_extra_info("is_readable")))
+            assert await stream.read(10) == b""
+            assert stream.get_extra_info("server_addr") == ("127.0.0.1", port)
+            await stream.aclose()
+        return seen
+
+    assert asyncio.run(scenario()) == [(False, False), (True, True)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from tokenlay_otel._attributes import Usage
 from tokenlay_otel.proxy.app import metered_endpoint
 from tokenlay_otel.proxy.estimate import input_tokens, output_cap, text_tokens, valid_usage
 from tokenlay_otel.proxy.limits import bucket, counter_key
-from tokenlay_otel.proxy.store import Hold
+from tokenlay_otel.proxy.store import Hold, SQLiteStore
 from tokenlay_otel.proxy.upstream import StreamTap, with_stream_usage
 
 from .proxy_store_view import StoreView, redis_url, store
@@ -157,6 +158,48 @@ def test_admit_takes_every_hold_or_none(store: StoreView) -> None:
             assert store.leases() == 0
             assert await s.admit([Hold("tokens:k", 100, 100, 3600)], "d", 60) == (-1, [100.0])
             assert await s.admit([Hold("tokens:k", 0, 100, 3600)], "e", 60) == (0, [100.0])
+        finally:
+            await s.close()
+
+    asyncio.run(main())
+
+
+def test_concurrent_admits_take_exactly_the_limit(store: StoreView) -> None:
+    """Many admits at once (SQLite writes them in shared transactions): exactly the
+    limit is taken, and every caller hears its own answer."""
+
+    async def main() -> None:
+        s = store.make()
+        try:
+            hold = Hold("requests:burst", 1, 20, 3600)
+            answers = await asyncio.gather(*(s.admit([hold], f"l{i}", 60) for i in range(60)))
+            taken = [values for index, values in answers if index == -1]
+            assert len(taken) == 20
+            assert sorted(values[0] for values in taken) == [float(n) for n in range(1, 21)]
+            assert await s.get_many(["requests:burst"]) == [20.0]
+        finally:
+            await s.close()
+
+    asyncio.run(main())
+
+
+def test_a_failing_write_leaves_the_writes_beside_it(tmp_path: Path) -> None:
+    """SQLite writes queued together share a transaction: one that fails takes nothing
+    with it, and nothing of the others away."""
+
+    async def main() -> None:
+        s = SQLiteStore(tmp_path / "usage.db")
+        try:
+            good = [s.admit([Hold(f"requests:w{i}", 1, 10, 3600)], f"g{i}", 60) for i in range(5)]
+            # Its first adjustment is written, then an amount that is not a number
+            # fails: the write must come undone whole.
+            adjustments = [("requests:w1", 5.0, 3600), ("requests:w0", "x", 3600)]
+            bad = s.settle(adjustments, [], "b")  # type: ignore[arg-type]
+            answers = await asyncio.gather(*good, bad, return_exceptions=True)
+            assert answers[:5] == [(-1, [1.0])] * 5
+            assert isinstance(answers[5], Exception)
+            keys = [f"requests:w{i}" for i in range(5)]
+            assert await s.get_many(keys) == [1.0] * 5
         finally:
             await s.close()
 

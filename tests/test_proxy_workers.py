@@ -109,3 +109,30 @@ def test_a_port_in_use_is_one_clear_line() -> None:
                 f"tokenlay-otel proxy: cannot listen on 127.0.0.1:{port} (Address already in "
                 "use); another process listens there: pick another --port"
             )
+
+
+def test_accepted_connections_send_without_waiting_for_acks() -> None:
+    """An answer goes out as headers then body; with Nagle on, the body waits for the
+    client's delayed ACK of the headers (about 40 ms a call)."""
+    import asyncio
+    import socket
+
+    from tokenlay_otel.proxy.serve import listen
+
+    async def accepted_nodelay() -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=listen("127.0.0.1", 0))
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            value = await asyncio.wait_for(seen, 10)
+            writer.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0

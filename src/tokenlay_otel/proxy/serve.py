@@ -428,7 +428,11 @@ def listen(host: str, port: int) -> socket.socket:
         SystemExit: the address cannot be listened on, saying which and why.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets that
+    # say they are TCP, and accepted sockets inherit the listener's protocol. Without
+    # it an answer's body waits behind its headers for the client's delayed ACK
+    # (about 40 ms a call, measured).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart past TIME_WAIT
         sock.bind((host, port))
