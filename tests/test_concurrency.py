@@ -17,6 +17,8 @@ from tokenlay_otel import metadata
 from .conftest import SpanCapture
 from .inprocess import async_client, sync_client
 
+pytestmark = pytest.mark.slow  # thousands of calls in threads and tasks, and a leak check
+
 #: Abandoned streams per measured round.
 ROUND = 2_000
 

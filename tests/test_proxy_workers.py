@@ -20,6 +20,8 @@ from .conftest import PROVIDER_KEY
 from .proxy_harness import PROXY_KEY, proxy_subprocess, statuses_of_calls
 from .proxy_store_view import StoreView, redis_url, store, wait_for
 
+pytestmark = pytest.mark.slow  # proxy processes with several workers
+
 __all__ = ["redis_url", "store"]  # fixtures
 
 LIMIT = 25
