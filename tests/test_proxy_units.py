@@ -163,6 +163,7 @@ def test_admit_takes_every_hold_or_none(store: StoreView) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_leases_expire_unless_renewed(store: StoreView) -> None:
     async def main() -> None:
         s = store.make()
