@@ -5,10 +5,10 @@
 
 The floor of ``overhead.py`` taken apart. tokenlay's span and metric records, captured
 from a real call, are replayed straight into the SDK whole and then with one part left
-out at a time; the official ``opentelemetry-instrumentation-openai-v2``'s own telemetry
-is replayed the same way when it is installed. Counted in CPU instructions under
-callgrind, as ``instructions.py`` counts (needs valgrind), so a difference of a few
-thousand instructions is real, not noise.
+out at a time; the official ``opentelemetry-instrumentation-genai-openai``'s own
+telemetry (else the deprecated ``openai-v2``'s) is replayed the same way when installed.
+Counted in CPU instructions under callgrind, as ``instructions.py`` counts (needs
+valgrind), so a difference of a few thousand instructions is real, not noise.
 
 A part's cost is what leaving it out saves: the price of each piece of the telemetry
 contract, next to what the official instrumentation's whole overhead is.
@@ -75,7 +75,7 @@ def child(args: argparse.Namespace) -> None:
 
     providers = bench.sdk_providers()
     configs = {c.label: c for c in bench.instrumentations(references=True)}
-    official = configs.get("official openai-v2")
+    official = configs.get("official genai-openai", configs.get("official openai-v2"))
     plan: list[tuple[str, str, int]] = []
     with bench.quiet_content_capture():
         for scenario in bench.scenarios(args.chunks):

@@ -64,6 +64,7 @@ def child(args: argparse.Namespace) -> None:
         for scenario in bench.scenarios(args.chunks):
             if scenario.is_async or (args.only and args.only not in scenario.name):
                 continue
+            bench.check_exports(scenario, configs)
             telemetry = bench.capture(scenario, configs[0])
             replay = bench.floor_call(bench.replay_of(telemetry), providers)
             in_call = bench.with_replay(scenario, replay)
@@ -136,7 +137,10 @@ def under_callgrind(
         if done.returncode != 0:
             print(done.stderr[-3000:], file=sys.stderr)
             return done.returncode
-        plan = [tuple(item) for item in json.loads(done.stdout.strip().splitlines()[-1])]
+        *said, last = done.stdout.strip().splitlines()
+        for line in said:  # what the child said before its plan: skips, exports
+            print(line)
+        plan = [tuple(item) for item in json.loads(last)]
         # Libraries may call reduce() at import time too: ours are the last dumps.
         return plan, totals(Path(tmp))[-len(plan) :]
 
@@ -146,7 +150,7 @@ def report(plan: list[tuple[str, str, int]], counts: list[int]) -> dict[str, Any
     for (scenario, label, calls), count in zip(plan, counts, strict=True):
         results.setdefault(scenario, {})[label] = count / calls
     print(
-        f"{'scenario':<26} {'configuration':<20} {'k instr/call':>12} {'overhead':>9}"
+        f"{'scenario':<26} {'configuration':<22} {'k instr/call':>12} {'overhead':>9}"
         f" {'/floor':>7} {'/in-call':>9} {'own floor':>9} {'-own':>7}"
     )
     from overhead import FLOOR, FLOOR_IN_CALL
@@ -155,9 +159,9 @@ def report(plan: list[tuple[str, str, int]], counts: list[int]) -> dict[str, Any
         none = per_call["none"]
         floor = per_call[FLOOR]
         in_call = per_call[FLOOR_IN_CALL] - none
-        print(f"{scenario:<26} {'none':<20} {none / 1000:>12.1f}")
-        print(f"{'':<26} {FLOOR:<20} {floor / 1000:>12.1f}")
-        print(f"{'':<26} {FLOOR_IN_CALL:<20} {'':>12} {in_call / 1000:>9.1f}")
+        print(f"{scenario:<26} {'none':<22} {none / 1000:>12.1f}")
+        print(f"{'':<26} {FLOOR:<22} {floor / 1000:>12.1f}")
+        print(f"{'':<26} {FLOOR_IN_CALL:<22} {'':>12} {in_call / 1000:>9.1f}")
         configs = [c for c in per_call if c not in ("none", FLOOR, FLOOR_IN_CALL)]
         for label in configs:
             if label.startswith(OWN_FLOOR):
@@ -168,7 +172,7 @@ def report(plan: list[tuple[str, str, int]], counts: list[int]) -> dict[str, Any
             own = floor if label == configs[0] else per_call.get(OWN_FLOOR + label)
             own_text = "" if own is None else f" {own / 1000:>9.1f} {(over - own) / 1000:>7.1f}"
             print(
-                f"{'':<26} {label:<20} {per_call[label] / 1000:>12.1f} {over / 1000:>9.1f}"
+                f"{'':<26} {label:<22} {per_call[label] / 1000:>12.1f} {over / 1000:>9.1f}"
                 f" {over / floor:>7.2f} {over / in_call:>9.2f}{own_text}"
             )
     return results

@@ -6,12 +6,14 @@
 
 The openai client talks to an in-process mock transport (a canned completion, or an
 SSE stream of ``--chunks`` chunks). Each round runs a batch of calls per configuration
-(uninstrumented, tokenlay with routing off and on, and the official
-``opentelemetry-instrumentation-openai-v2`` and OpenLLMetry's
-``opentelemetry-instrumentation-openai`` when installed), switching with
-``instrument()``/``uninstrument()``, in an order that rotates every round; overheads are
-the median over rounds of (configuration - uninstrumented in the same round), so machine
-drift hits every configuration alike.
+(uninstrumented, tokenlay with routing off and on, and, when installed, the official
+``opentelemetry-instrumentation-genai-openai``, the deprecated official
+``opentelemetry-instrumentation-openai-v2`` it replaces and OpenLLMetry's
+``opentelemetry-instrumentation-openai``; a reference that is not installed is skipped
+with a line saying so, and what each configuration exports per call is counted first),
+switching with ``instrument()``/``uninstrument()``, in an order that rotates every
+round; overheads are the median over rounds of (configuration - uninstrumented in the
+same round), so machine drift hits every configuration alike.
 
 The *floor* is what the OpenTelemetry SDK alone costs to record the telemetry tokenlay
 emits for one call: the exact span (name, attributes, events) and metric records
@@ -24,6 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib
+import importlib.util
 import json
 import os
 import statistics
@@ -267,6 +271,48 @@ class Instrumentation:
                 )
 
 
+#: The reference instrumentations, measured when installed: (label, module, class,
+#: distribution). genai-openai is the current official one; openai-v2, which it
+#: replaces, cannot share a venv with genai-openai >= 1.2 (see requirements.txt).
+REFERENCES = (
+    (
+        "official genai-openai",
+        "opentelemetry.instrumentation.genai.openai",
+        "OpenAIInstrumentor",
+        "opentelemetry-instrumentation-genai-openai",
+    ),
+    (
+        "official openai-v2",
+        "opentelemetry.instrumentation.openai_v2",
+        "OpenAIInstrumentor",
+        "opentelemetry-instrumentation-openai-v2",
+    ),
+    (
+        "openllmetry",
+        "opentelemetry.instrumentation.openai",
+        "OpenAIInstrumentor",
+        "opentelemetry-instrumentation-openai",
+    ),
+)
+
+
+def _reference(label: str, module: str, name: str, distribution: str) -> Instrumentation | None:
+    """The reference, or ``None`` with a line saying why it is left out."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing
+        found = False
+    if not found:
+        print(f"skipped: {label} ({distribution} is not installed)")
+        return None
+    try:
+        instrumentor = getattr(importlib.import_module(module), name)()
+    except Exception as exc:  # installed beside a version of a dependency it cannot use
+        print(f"skipped: {label} ({distribution} does not import here: {exc})")
+        return None
+    return Instrumentation(label, instrumentor)
+
+
 def instrumentations(references: bool) -> list[Instrumentation]:
     found = [
         Instrumentation("tokenlay", TokenlayInstrumentor(), {"settings": Settings()}),
@@ -280,20 +326,11 @@ def instrumentations(references: bool) -> list[Instrumentation]:
             },
         ),
     ]
-    if not references:
-        return found
-    try:
-        from opentelemetry.instrumentation.openai_v2 import OpenAIInstrumentor as Official
-    except ImportError:
-        pass
-    else:
-        found.append(Instrumentation("official openai-v2", Official()))
-    try:
-        from opentelemetry.instrumentation.openai import OpenAIInstrumentor as OpenLLMetry
-    except ImportError:
-        pass
-    else:
-        found.append(Instrumentation("openllmetry", OpenLLMetry()))
+    if references:
+        for reference in REFERENCES:
+            instrumentation = _reference(*reference)
+            if instrumentation is not None:
+                found.append(instrumentation)
     return found
 
 
@@ -319,7 +356,24 @@ class Telemetry:
     records: list[tuple[str, str, float, dict[str, Any]]]  # (instrument, kind, value, attrs)
 
 
-def capture(scenario: Scenario, instrumentation: Instrumentation) -> Telemetry:
+@dataclass
+class Exported:
+    """Everything one call under a configuration exported."""
+
+    spans: list[ReadableSpan]
+    start_attributes: dict[int, dict[str, Any]]  # span id -> attributes at start
+    records: list[tuple[str, str, float, dict[str, Any]]]
+
+    def describe(self) -> str:
+        attributes = "/".join(str(len(s.attributes or {})) for s in self.spans) or "no"
+        return (
+            f"{len(self.spans)} span(s) with {attributes} attributes,"
+            f" {len(self.records)} metric records"
+        )
+
+
+def export_one_call(scenario: Scenario, instrumentation: Instrumentation) -> Exported:
+    """One call under ``instrumentation``, into an in-memory exporter and reader."""
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -334,7 +388,6 @@ def capture(scenario: Scenario, instrumentation: Instrumentation) -> Telemetry:
         run_calls(scenario, 1, users=1)
     finally:
         instrumentation.off()
-    (span,) = exporter.get_finished_spans()
     records = []
     data = reader.get_metrics_data()
     for resource_metrics in data.resource_metrics if data else ():
@@ -350,8 +403,32 @@ def capture(scenario: Scenario, instrumentation: Instrumentation) -> Telemetry:
                         records.append((metric.name, "histogram", point.sum, attrs))
                     elif isinstance(point, NumberDataPoint):
                         records.append((metric.name, "counter", point.value, attrs))
+    return Exported(list(exporter.get_finished_spans()), starts.at_start, records)
+
+
+def capture(scenario: Scenario, instrumentation: Instrumentation) -> Telemetry:
+    """The one span and the metric records of one call under ``instrumentation``.
+
+    Raises:
+        ValueError: the call did not export exactly one span.
+    """
+    exported = export_one_call(scenario, instrumentation)
+    (span,) = exported.spans
     assert span.context is not None
-    return Telemetry(span, starts.at_start[span.context.span_id], records)
+    return Telemetry(span, exported.start_attributes[span.context.span_id], exported.records)
+
+
+def check_exports(scenario: Scenario, configs: list[Instrumentation]) -> None:
+    """Say what one call under each configuration exports, and stop on one that
+    exports nothing: its telemetry does not reach the benchmark's providers, and its
+    overhead would be that of an instrumentation doing no work."""
+    for config in configs:
+        exported = export_one_call(scenario, config)
+        said = f"{scenario.name}: {config.label} exports {exported.describe()} per call"
+        if not exported.spans and not exported.records:
+            raise SystemExit(f"{said}: not comparable")
+        partial = "" if exported.spans and exported.records else " (partial telemetry)"
+        print(f"{said}{partial}")
 
 
 @dataclass
@@ -491,6 +568,7 @@ def measure(
         config.on(providers)
         run_calls(scenario, least)
         config.off()
+    check_exports(scenario, configs)
     telemetry = capture(scenario, configs[0])
     replay = floor_call(replay_of(telemetry), providers)
     floor_us(replay, 200)
@@ -720,23 +798,23 @@ def _ratio(value: float | None) -> str:
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     print(
-        f"{'scenario':<26} {'instrumentation':<20} {'us/call':>8} {'overhead':>9}"
+        f"{'scenario':<26} {'instrumentation':<22} {'us/call':>8} {'overhead':>9}"
         f" {'(q1-q3)':>13} {'/floor':>7} {'-floor':>7} {'/in-call':>9} {'-in-call':>9}"
         f" {'own floor':>9} {'-own':>7}"
     )
     for name, data in results.items():
         floor = data["floor_us"]
         base = data["none_us"]
-        print(f"{name:<26} {'none':<20} {base:>8.1f}")
+        print(f"{name:<26} {'none':<22} {base:>8.1f}")
         print(
-            f"{'':<26} {'floor (SDK only)':<20} {floor:>8.1f}"
+            f"{'':<26} {'floor (SDK only)':<22} {floor:>8.1f}"
             f"   {data['floor_records']} metric records, {data['floor_span_attributes']}"
             " span attributes"
         )
-        print(f"{'':<26} {'floor, in a call':<20} {'':>8} {data['floor_in_call_us']:>9.1f}")
+        print(f"{'':<26} {'floor, in a call':<22} {'':>8} {data['floor_in_call_us']:>9.1f}")
         for label, o in data["overhead_us"].items():
             print(
-                f"{'':<26} {label:<20} {base + o['median']:>8.1f} {o['median']:>9.1f}"
+                f"{'':<26} {label:<22} {base + o['median']:>8.1f} {o['median']:>9.1f}"
                 f" {o['q1']:>6.0f}-{o['q3']:<6.0f} {o['ratio_to_floor']:>7.2f}"
                 f" {o['above_floor']:>7.1f} {_ratio(o['ratio_to_floor_in_call']):>9}"
                 f" {o['above_floor_in_call']:>9.1f} {_us(o['own_floor']):>9}"

@@ -4,11 +4,16 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from tokenlay_otel.testing import FakeOpenAIServer
 
 # Our own internal errors fail tests instead of being logged and swallowed.
 os.environ["TOKENLAY_OTEL_RAISE_INTERNAL_ERRORS"] = "1"
+# No time limit per generated example: the property tests check what code does, and a
+# shared machine can take a second over an example that usually takes milliseconds.
+settings.register_profile("tokenlay", deadline=None)
+settings.load_profile("tokenlay")
 
 PROVIDER_KEY = "sk-provider-SECRET-0123456789"
 TOKENLAY_KEY = "tl-SECRET-abcdef9876543210"

@@ -10,10 +10,14 @@ import textwrap
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import pytest
+
 from tokenlay_otel import TokenlayInstrumentor
 from tokenlay_otel.testing import FakeOpenAIServer
 
 from .conftest import PROVIDER_KEY, TOKENLAY_KEY
+
+pytestmark = pytest.mark.slow  # opentelemetry-instrument in subprocesses
 
 SCRIPT = textwrap.dedent(
     """

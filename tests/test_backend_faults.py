@@ -28,6 +28,8 @@ from tokenlay_otel._config import Settings
 from .inprocess import sync_client
 from .proxy_harness import free_port
 
+pytestmark = pytest.mark.slow  # exporters against a backend down, slow or failing, for seconds
+
 
 class _Misbehaving(
     trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2_grpc.MetricsServiceServicer

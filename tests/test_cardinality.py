@@ -4,12 +4,15 @@ import json
 
 import openai
 import openai._base_client as base_client
+import pytest
 from opentelemetry.sdk.metrics.view import View
 
 from tokenlay_otel import metadata
 from tokenlay_otel.testing import chat_completion
 
 from .conftest import PROVIDER_KEY, SpanCapture
+
+pytestmark = pytest.mark.slow  # 5,000 users
 
 # openai 1.x sends with httpx, 3.x with httpx2: use whichever this openai uses.
 httpx = getattr(base_client, "httpx2", None) or base_client.httpx

@@ -18,6 +18,8 @@ from tokenlay_otel.cli import build_parser
 from tokenlay_otel.proxy.providers import DEFAULT_PROVIDERS
 from tokenlay_otel.proxy.serve import describe_startup
 
+pytestmark = pytest.mark.slow  # each test runs the command in a subprocess
+
 RULES = Path(__file__).parent.parent / "examples" / "demo" / "rules.yaml"
 
 

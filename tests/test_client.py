@@ -58,6 +58,7 @@ def test_request_goes_to_the_proxy_with_the_wire_headers(server: FakeOpenAIServe
     assert sent.json() == {"model": "mistral-small", "messages": MESSAGES}
 
 
+@pytest.mark.slow
 def test_every_endpoint_is_routed(server: FakeOpenAIServer) -> None:
     client = make_client(server)
     client.embeddings.create(model="text-embedding-3-small", input="x")

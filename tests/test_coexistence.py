@@ -28,6 +28,8 @@ from tokenlay_otel.testing import FakeOpenAIServer
 
 from .conftest import PROVIDER_KEY, TOKENLAY_KEY, SpanCapture
 
+pytestmark = pytest.mark.slow  # every other openai instrumentation, each call under each order
+
 MESSAGES = [{"role": "user", "content": "hi"}]
 HEADERS = {
     "x-tokenlay-rule-id": "rule-7",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import random
 import threading
+import tracemalloc
 from collections import Counter
 
 import pytest
@@ -17,12 +17,10 @@ from tokenlay_otel import metadata
 from .conftest import SpanCapture
 from .inprocess import async_client, sync_client
 
+pytestmark = pytest.mark.slow  # thousands of calls in threads and tasks, and a leak check
 
-def current_rss_kib() -> int:
-    # Resident set now (not the peak): pages in /proc/self/statm.
-    with open("/proc/self/statm") as statm:
-        pages = int(statm.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+#: Abandoned streams per measured round.
+ROUND = 2_000
 
 
 def expected_usage(user: str) -> tuple[int, int]:
@@ -146,13 +144,18 @@ def test_abandoned_streams_do_not_leak(
         telemetry.exporter.clear()
         gc.collect()
         assert ended == n  # every abandoned stream's span ended, exactly once each
-        return len(gc.get_objects()), current_rss_kib()
+        return len(gc.get_objects()), tracemalloc.get_traced_memory()[0]
 
-    # Two rounds of 5,000 after a warm-up: the allocator keeps the first round's
-    # memory for reuse, so a leak shows as growth from the first round to the second.
-    run_and_measure(1_000)
-    objects_1, rss_1 = run_and_measure(5_000)
-    objects_2, rss_2 = run_and_measure(5_000)
-    print(f"abandoned streams: objects {objects_1} -> {objects_2}, RSS {rss_1} -> {rss_2} KiB")
-    assert objects_2 - objects_1 < 1_000  # a leak would be >= 5,000
-    assert rss_2 - rss_1 < 5_000
+    # Two rounds after a warm-up that fills the caches: a leak shows as growth from the
+    # first round to the second, in live objects and in bytes allocated by Python
+    # (tracemalloc: also what the collector does not track, such as a held buffer).
+    run_and_measure(500)
+    tracemalloc.start()
+    try:
+        objects_1, bytes_1 = run_and_measure(ROUND)
+        objects_2, bytes_2 = run_and_measure(ROUND)
+    finally:
+        tracemalloc.stop()
+    print(f"abandoned streams: objects {objects_1} -> {objects_2}, bytes {bytes_1} -> {bytes_2}")
+    assert objects_2 - objects_1 < ROUND // 5  # a leak would be >= ROUND
+    assert bytes_2 - bytes_1 < ROUND * 100  # a leaked stream holds kilobytes

@@ -157,12 +157,14 @@ def build(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_dashboards_are_up_to_date_with_their_generator() -> None:
     result = build("--check")
     assert result.returncode == 0, result.stderr
     assert f"{len(DASHBOARDS)} dashboards up to date" in result.stdout
 
 
+@pytest.mark.slow
 def test_check_names_each_file_that_differs(tmp_path: Path) -> None:
     for path in DASHBOARDS:
         shutil.copy(path, tmp_path / path.name)
@@ -189,6 +191,7 @@ def test_check_names_each_file_that_differs(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_help_writes_nothing() -> None:
     before = {p: p.stat().st_mtime_ns for p in DASHBOARDS}
     result = build("--help")
@@ -260,6 +263,7 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_alert_rules_are_valid_and_fire_on_the_series_of_their_unit_tests() -> None:
     checked = _promtool("check", "rules", ALERTS.name)
     assert checked.returncode == 0, checked.stdout + checked.stderr

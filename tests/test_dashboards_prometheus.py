@@ -28,6 +28,8 @@ from tokenlay_otel.proxy.local import DEFAULT_LOCAL_KEY, local_proxy
 from .proxy_harness import free_port, wait_http
 from .test_dashboards import DASHBOARDS, ROOT, STACK
 
+pytestmark = pytest.mark.slow  # a real Prometheus scraping for seconds
+
 # Panels that show something only when it happens; the traffic below never bypasses
 # the proxy (fail-open is off), so that panel stays empty by design.
 EMPTY_BY_DESIGN = {"Proxy bypasses (fail-open)"}

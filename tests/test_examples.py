@@ -13,6 +13,8 @@ import pytest
 
 from .otlp_receiver import OTLPReceiver
 
+pytestmark = pytest.mark.slow  # each example runs in a subprocess against a local proxy
+
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 

@@ -35,6 +35,7 @@ def run_python(code: str, env: dict[str, str], *args: str) -> subprocess.Complet
     )
 
 
+@pytest.mark.slow
 def test_configure_with_console_exporters(server: FakeOpenAIServer) -> None:
     result = run_python(
         """
@@ -63,6 +64,7 @@ def test_configure_with_console_exporters(server: FakeOpenAIServer) -> None:
     assert '"tokenlay.user": "u1"' in out
 
 
+@pytest.mark.slow
 def test_configure_leaves_existing_providers_alone() -> None:
     result = run_python(
         """
@@ -88,6 +90,7 @@ def test_configure_leaves_existing_providers_alone() -> None:
     assert "meter provider is already set up; left as is" in result.stderr
 
 
+@pytest.mark.slow
 def test_configure_twice_is_quiet_and_traces_each_call_once(server: FakeOpenAIServer) -> None:
     result = run_python(
         """
@@ -120,6 +123,7 @@ def test_configure_rejects_unknown_exporters_listing_the_installed() -> None:
         configure(traces="none", metrics="nope")
 
 
+@pytest.mark.slow
 def test_configure_prometheus_serves_metrics_over_http(server: FakeOpenAIServer) -> None:
     import urllib.request
 
@@ -169,6 +173,7 @@ def test_configure_prometheus_serves_metrics_over_http(server: FakeOpenAIServer)
     assert requests.endswith(" 1.0")
 
 
+@pytest.mark.slow
 def test_configure_names_the_package_of_a_missing_exporter(tmp_path: Path) -> None:
     """Without opentelemetry-exporter-prometheus installed, the error says what to install.
 
@@ -209,6 +214,7 @@ def test_configure_names_the_package_of_a_missing_exporter(tmp_path: Path) -> No
     assert "installed: " in result.stdout and "console" in result.stdout
 
 
+@pytest.mark.slow
 def test_configure_says_which_exporter_could_not_listen() -> None:
     import socket
 
@@ -235,6 +241,7 @@ def test_configure_says_which_exporter_could_not_listen() -> None:
     assert lines[1] == "ProxyTracerProvider"
 
 
+@pytest.mark.slow
 def test_configure_reads_the_standard_env_vars(server: FakeOpenAIServer, tmp_path: Path) -> None:
     ledger = tmp_path / "ledger.db"
     result = run_python(
@@ -376,6 +383,7 @@ def test_the_same_span_is_stored_once(tmp_path: Path, telemetry: SpanCapture) ->
     ).fetchone() == (1,)
 
 
+@pytest.mark.slow
 def test_several_processes_share_one_ledger(server: FakeOpenAIServer, tmp_path: Path) -> None:
     path = tmp_path / "shared.db"
     code = """
@@ -409,6 +417,7 @@ def test_several_processes_share_one_ledger(server: FakeOpenAIServer, tmp_path: 
     }
 
 
+@pytest.mark.slow
 def test_opentelemetry_instrument_with_the_ledger(server: FakeOpenAIServer, tmp_path: Path) -> None:
     script = tmp_path / "app.py"
     script.write_text(
@@ -451,6 +460,7 @@ def test_opentelemetry_instrument_with_the_ledger(server: FakeOpenAIServer, tmp_
     assert row["cost_usd"] == pytest.approx(12 * 2.5e-6 + 7 * 10e-6)
 
 
+@pytest.mark.slow
 def test_spend_on_a_missing_ledger_is_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -31,7 +31,10 @@ from tokenlay_otel._protocol import TokenlayResponseMetadata
 from tokenlay_otel._telemetry import LLMCall, Telemetry
 from tokenlay_otel.exporters.ledger import LedgerSpanExporter
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()"),
+    pytest.mark.slow,  # forked child processes
+]
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
@@ -91,6 +92,7 @@ def call() -> LLMCall:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(json_values)
 def test_response_extractors_never_raise(value: Any) -> None:
@@ -103,6 +105,7 @@ def test_response_extractors_never_raise(value: Any) -> None:
             A.request_attributes(value, A.endpoint_for("POST", "/responses"))  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(json_values, max_size=6))
 def test_stream_accounting_never_raises(chunks: list[Any]) -> None:

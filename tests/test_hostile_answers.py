@@ -489,6 +489,7 @@ def test_text_an_answer_could_make_huge_or_unexportable_is_left_out() -> None:
     assert parsed is not None and parsed.warnings == ("ok",)
 
 
+@pytest.mark.slow
 def test_models_named_by_answers_are_capped_on_metrics(instrument, telemetry: SpanCapture) -> None:
     from tests.inprocess import httpx
     from tokenlay_otel.testing import chat_completion

@@ -4,9 +4,11 @@ import asyncio
 import copy
 import gc
 import logging
+from collections import Counter
 
 import openai
 import pytest
+from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -14,6 +16,7 @@ from tokenlay_otel import TokenlayOpenAI, get_tokenlay_metadata, metadata
 from tokenlay_otel.testing import FakeOpenAIServer, Reply
 
 from .conftest import PROVIDER_KEY, TOKENLAY_KEY, SpanCapture
+from .inprocess import sync_client
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 PROVIDER_BASE = "https://api.openai.com/v1"
@@ -327,5 +330,45 @@ def test_async_calls(server: FakeOpenAIServer, routed, telemetry: SpanCapture) -
         assert request.headers["x-tokenlay-user"] == span.attributes["tokenlay.user"]
 
 
-def test_gc_of_unused_spans_is_clean() -> None:
+def _live_call_objects() -> Counter[str]:
+    """Objects of ours and SDK spans alive now, by class (tracked by the collector)."""
+    counted: dict[type, bool] = {}
+    found: Counter[str] = Counter()
+    for obj in gc.get_objects():
+        kind = type(obj)
+        count = counted.get(kind)
+        if count is None:
+            module = str(vars(kind).get("__module__", ""))
+            count = counted[kind] = module.startswith("tokenlay_otel") or issubclass(kind, SdkSpan)
+        if count:
+            found[kind.__qualname__] += 1
+    return found
+
+
+def test_gc_of_unused_spans_is_clean(instrument, telemetry: SpanCapture) -> None:
+    """Calls whose results are dropped unused, a stream never read among them, leave
+    nothing behind: every span ends, and each call's objects (ours and its SDK span)
+    are freed by reference counting alone, with the collector off, so no call makes
+    a cycle that would keep its span and response alive until a collection."""
+    instrument()
+    client = sync_client()
+
+    def calls(n: int) -> None:
+        for _ in range(n):
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+
+    calls(3)  # the first calls fill the per-process caches (endpoints, attribute sets)
     gc.collect()
+    telemetry.exporter.clear()
+    before = _live_call_objects()
+    assert "TokenlayInstrumentor" in before  # the census sees our objects
+    gc.disable()
+    try:
+        calls(20)
+        left = _live_call_objects() - before
+        ended = len(telemetry.spans())
+    finally:
+        gc.enable()
+    assert ended == 40  # the 20 streams never read ended their spans too
+    assert not left, f"alive after the calls, by class: {dict(left)}"

@@ -25,6 +25,8 @@ from .conftest import PROVIDER_KEY, SpanCapture
 from .proxy_harness import PROXY_KEY
 from .proxy_store_view import StoreView, redis_url, store
 
+pytestmark = pytest.mark.slow  # real stores read by the limit metrics
+
 __all__ = ["redis_url", "store"]  # fixtures
 
 RULES = parse_rules(

@@ -15,6 +15,8 @@ from tokenlay_otel.testing import FakeOpenAIServer
 from .conftest import PROVIDER_KEY, SpanCapture
 from .proxy_harness import PROXY_KEY, proxy_in_thread
 
+pytestmark = pytest.mark.slow  # a local proxy on loopback with real upstreams
+
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
 
 RULES = {

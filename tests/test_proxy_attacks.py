@@ -24,6 +24,8 @@ from .conftest import PROVIDER_KEY, SpanCapture
 from .proxy_harness import PROXY_KEY
 from .proxy_store_view import StoreView, redis_url, store, wait_for
 
+pytestmark = pytest.mark.slow  # real proxies under floods and hostile clients
+
 __all__ = ["redis_url", "store"]  # fixtures
 
 MESSAGES = [{"role": "user", "content": "Hello"}]

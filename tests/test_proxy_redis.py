@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tokenlay_otel import TokenlayOpenAI
 
 from .conftest import PROVIDER_KEY
 from .proxy_harness import PROXY_KEY, proxy_process, redis_server, statuses_of_calls
+
+pytestmark = pytest.mark.slow  # a Redis server and two proxy processes
 
 LIMIT = 25
 

@@ -34,6 +34,8 @@ from tokenlay_otel.proxy.serve import (
 )
 from tokenlay_otel.proxy.server import ConnectionGuard, ServerLimits, uvicorn_config
 
+pytestmark = pytest.mark.slow  # the proxy's server on real sockets, with real timeouts
+
 HEADER_TIMEOUT = 0.3
 WAIT = 5.0  # upper bound for anything expected to happen "soon"
 

@@ -27,6 +27,8 @@ from .hostile_upstream import chat_body, http_response, raw_upstream, sse_respon
 from .proxy_harness import PROXY_KEY
 from .proxy_store_view import StoreView, redis_url, store, wait_for
 
+pytestmark = pytest.mark.slow  # real proxies and stores, hundreds of streams settled
+
 __all__ = ["redis_url", "store"]  # fixtures
 
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]

@@ -206,6 +206,7 @@ def test_a_failing_write_leaves_the_writes_beside_it(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_leases_expire_unless_renewed(store: StoreView) -> None:
     async def main() -> None:
         s = store.make()

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import openai
+import pytest
 
 from tokenlay_otel import TokenlayOpenAI, metadata
 from tokenlay_otel.proxy.local import DEFAULT_LOCAL_KEY, local_proxy
@@ -74,6 +75,7 @@ def test_every_metric_the_code_creates_has_a_row() -> None:
     assert created - set(table_rows()) == set()
 
 
+@pytest.mark.slow
 def test_every_attribute_seen_is_documented(instrument, telemetry: SpanCapture) -> None:
     """A mix of calls through the local proxy (allowed, blocked, downgraded, warned,
     streamed, cached), both sides' metrics in one reader; each attribute key must be

@@ -6,6 +6,7 @@ import re
 import urllib.request
 
 import openai
+import pytest
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.metrics import MeterProvider
@@ -20,6 +21,8 @@ from tokenlay_otel.testing import FakeOpenAIServer
 
 from .conftest import PROVIDER_KEY, TOKENLAY_KEY
 from .otlp_receiver import OTLPReceiver
+
+pytestmark = pytest.mark.slow  # real OTLP and Prometheus receivers on loopback
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -15,6 +15,8 @@ from tokenlay_otel.testing import FakeOpenAIServer, Reply
 
 from .conftest import PROVIDER_KEY, TOKENLAY_KEY, SpanCapture
 
+pytestmark = pytest.mark.slow  # real connect and read timeouts against sockets on loopback
+
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 

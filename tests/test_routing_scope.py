@@ -33,6 +33,8 @@ from tokenlay_otel.proxy.local import DEFAULT_LOCAL_KEY, local_proxy
 
 from .conftest import PROVIDER_KEY, SpanCapture
 
+pytestmark = pytest.mark.slow  # a local proxy and raw sockets, uploads cut by real timeouts
+
 # Statuses that end openai's polling helpers (files wait for "processed", runs and
 # vector-store files for "completed").
 _STATUS = {"files": "processed"}

@@ -9,6 +9,10 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test builds a venv with pip
+
 SCRIPTS = Path(__file__).parent.parent / "scripts"
 
 # pip with no package index and no local wheels: an install that needs anything fails.

@@ -541,3 +541,104 @@ def test_omit_takes_a_metadata_field_away_for_one_call(
     assert "x-tokenlay-user" not in request.headers
     assert request.headers["x-tokenlay-org"] == "o1"
     assert not _lines(caplog, "WARNING")
+
+
+# --- the environment, read as plain data -----------------------------------------------
+
+
+def test_an_empty_environment_is_the_defaults_without_a_word() -> None:
+    settings, problems = Settings.read_env({})
+    assert (settings, problems) == (Settings(), ())
+    assert settings.instrumented_route() is None
+    assert settings.why_not_routed() == "TOKENLAY_KEY is not set"
+
+
+def test_every_variable_is_read_into_its_setting() -> None:
+    settings, problems = Settings.read_env(
+        {
+            "TOKENLAY_KEY": f" {TOKENLAY_KEY}\n",
+            "TOKENLAY_BASE_URL": "https://proxy.example.com/",
+            "TOKENLAY_METADATA": "user=u1, org=acme,project=p",
+            "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": " SPAN_ONLY ",
+            "TOKENLAY_METRIC_ATTRIBUTES": "org, plan",
+            "TOKENLAY_METRIC_USER_LIMIT": " 25 ",
+            "TOKENLAY_PRICES_FILE": "/etc/prices.json",
+            "TOKENLAY_ROUTE": "on",
+            "TOKENLAY_FAIL_OPEN": "yes",
+            "TOKENLAY_ROUTE_ENDPOINTS": "images, metered,images",
+            "TOKENLAY_ALLOW_HTTP_HOSTS": "Proxy.Internal, [::1],",
+        }
+    )
+    assert problems == ()
+    assert settings.tokenlay_key == TOKENLAY_KEY
+    assert settings.tokenlay_base_url.rstrip("/") == "https://proxy.example.com"
+    assert dict(settings.metadata) == {"user": "u1", "org": "acme", "project": "p"}
+    assert settings.capture_content is True
+    assert settings.metric_fields == ("org", "plan")
+    assert settings.metric_value_limit == 25
+    assert settings.prices_file == "/etc/prices.json"
+    assert (settings.route, settings.fail_open, settings.require_route) == (True, True, False)
+    assert settings.route_endpoints == ("metered", "images")  # each scope once
+    assert settings.allow_http_hosts == {"proxy.internal", "::1"}
+    route = settings.instrumented_route()
+    assert route is not None and settings.why_not_routed() is None
+    assert (route.tokenlay_key, route.fail_open, route.required) == (TOKENLAY_KEY, True, False)
+    assert route.tokenlay_base_url == settings.tokenlay_base_url
+    assert route.metadata == settings.metadata
+    assert TOKENLAY_KEY not in repr(settings) and TOKENLAY_KEY not in repr(route)
+
+
+@pytest.mark.parametrize(
+    ("value", "captured"),
+    [("true", True), ("span_only", True), ("span_and_event", True), ("event_only", False),
+     ("false", False), ("", False), ("NO_CONTENT", False)],
+)  # fmt: skip
+def test_content_is_captured_only_on_the_span_words(value: str, captured: bool) -> None:
+    settings, _ = Settings.read_env({"OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": value})
+    assert settings.capture_content is captured
+
+
+def test_required_routing_turns_fail_open_off_and_says_so() -> None:
+    settings, (problem,) = Settings.read_env(
+        {"TOKENLAY_REQUIRE_ROUTE": "true", "TOKENLAY_FAIL_OPEN": "true"}
+    )
+    assert (settings.require_route, settings.fail_open) == (True, False)
+    assert problem.startswith("TOKENLAY_FAIL_OPEN=true is ignored")
+
+
+def test_routing_off_keeps_the_key_but_routes_nothing() -> None:
+    settings, problems = Settings.read_env(
+        {"TOKENLAY_KEY": TOKENLAY_KEY, "TOKENLAY_BASE_URL": PROXY, "TOKENLAY_ROUTE": "false"}
+    )
+    assert problems == ()
+    assert settings.instrumented_route() is None
+    assert settings.why_not_routed() == "TOKENLAY_ROUTE is false"
+
+
+def test_without_routing_the_routing_variables_are_not_read() -> None:
+    # Drop-in clients take their route from their arguments: a bad key or requirement
+    # in the environment is none of their business.
+    env = {"TOKENLAY_KEY": "tl key", "TOKENLAY_REQUIRE_ROUTE": "maybe", "TOKENLAY_ROUTE": "0"}
+    settings, problems = Settings.read_env(env, routing=False)
+    assert (settings.tokenlay_key, settings.require_route) == (None, False)
+    assert problems == ()
+    with pytest.raises(ValueError, match="TOKENLAY_KEY holds characters"):
+        Settings.from_env(env)
+    assert Settings.from_env(env, routing=False) == settings
+
+
+def test_a_refused_base_url_is_why_calls_are_not_routed() -> None:
+    settings, (problem,) = Settings.read_env(
+        {"TOKENLAY_KEY": TOKENLAY_KEY, "TOKENLAY_BASE_URL": "http://10.1.2.3:8787"}
+    )
+    assert settings.route_refused == problem
+    assert settings.why_not_routed() == problem
+    assert settings.instrumented_route() is None
+    allowed, problems = Settings.read_env(
+        {
+            "TOKENLAY_KEY": TOKENLAY_KEY,
+            "TOKENLAY_BASE_URL": "http://10.1.2.3:8787",
+            "TOKENLAY_ALLOW_HTTP_HOSTS": "10.1.2.3",
+        }
+    )
+    assert problems == () and allowed.instrumented_route() is not None

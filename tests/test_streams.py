@@ -96,6 +96,7 @@ def test_exception_in_the_callers_loop(client: openai.OpenAI, telemetry: SpanCap
     assert len(telemetry.spans()) == 1
 
 
+@pytest.mark.slow
 def test_break_and_drop_the_reference(client: openai.OpenAI, telemetry: SpanCapture) -> None:
     s = stream(client)
     for _ in s:
@@ -156,6 +157,7 @@ def test_async_stream_paths(server: FakeOpenAIServer, instrument, telemetry: Spa
     assert spans[0].attributes["gen_ai.usage.output_tokens"] == 5
 
 
+@pytest.mark.slow
 def test_many_abandoned_streams_end_exactly_once(
     client: openai.OpenAI, telemetry: SpanCapture
 ) -> None:
@@ -311,6 +313,7 @@ def test_async_exception_in_the_callers_loop(
     assert len(telemetry.spans()) == 1
 
 
+@pytest.mark.slow
 def test_async_break_and_drop_the_reference(
     aclient: openai.AsyncOpenAI, telemetry: SpanCapture
 ) -> None:
