@@ -68,6 +68,14 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_ERROR_BYTES = 1024 * 1024
 # The provider's headers a caller may act on (its retry advice, its request id).
 _UPSTREAM_HEADERS = ("retry-after", "x-request-id", "x-ratelimit-", "openai-processing-ms")
+# What an httpx2 client would add to each request (its body decoders read these
+# encodings); the caller's own headers are not forwarded.
+_CLIENT_HEADERS = {
+    "accept": "*/*",
+    "accept-encoding": "gzip, deflate",
+    "connection": "keep-alive",
+    "user-agent": f"python-httpx2/{httpx2.__version__}",
+}
 # Failures that mean the request never reached the provider.
 _NEVER_SENT = (
     httpx2.ConnectError,
@@ -303,7 +311,7 @@ class Call(Responder):
                 return
 
     async def _forward(self, decision: Decision, headers: dict[str, str]) -> None:
-        incoming, client = self.incoming, self.gw.client
+        incoming = self.incoming
         content: bytes | AsyncIterator[bytes] | None = incoming.body
         if content is None:
             content = self._upload()
@@ -315,7 +323,11 @@ class Call(Responder):
             data, injected = with_stream_usage(incoming.endpoint, data)
             if data is not incoming.data:
                 content = json.dumps(data).encode()
-        out = {"authorization": f"Bearer {incoming.provider_key or 'mock'}", **incoming.forwarded}
+        out = {
+            **_CLIENT_HEADERS,
+            "authorization": f"Bearer {incoming.provider_key or 'mock'}",
+            **incoming.forwarded,
+        }
         if incoming.method != "GET":
             out["content-type"] = incoming.content_type or "application/json"
         upstream_span = self.gw.tracer.start_span(
@@ -326,13 +338,17 @@ class Call(Responder):
         with trace.use_span(upstream_span, end_on_exit=False):
             propagate.inject(out)
         url = incoming.base + incoming.suffix + (f"?{incoming.query}" if incoming.query else "")
-        request = client.build_request(
-            incoming.method, url, headers=out, content=content if incoming.method != "GET" else None
+        request = httpx2.Request(
+            incoming.method,
+            url,
+            headers=out,
+            content=content if incoming.method != "GET" else None,
+            extensions=self.gw.upstream_extensions,
         )
         self.asked = True
         sent = time.perf_counter()
         try:
-            upstream = await client.send(request, stream=True)
+            upstream = await self.gw.transport.handle_async_request(request)
         except (httpx2.HTTPError, UploadStopped) as exc:
             upstream_span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             upstream_span.end()
