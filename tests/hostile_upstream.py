@@ -67,6 +67,8 @@ class RawUpstream:
     def __init__(self) -> None:
         self.answers: list[bytes] = [http_response(chat_body({"prompt_tokens": 1}))]
         self.connections = 0
+        #: The head of each request received (request line and headers).
+        self.heads: list[bytes] = []
         #: When set, each answer waits until the event is set (an upstream that hangs).
         self.hold: threading.Event | None = None
         self._sock = socket.socket()
@@ -94,6 +96,7 @@ class RawUpstream:
                 while b"\r\n\r\n" not in data:
                     data += conn.recv(65536)
                 head, _, body = data.partition(b"\r\n\r\n")
+                self.heads.append(head)
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
                         length = int(line.split(b":")[1])

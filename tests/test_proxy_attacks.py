@@ -21,6 +21,7 @@ from tokenlay_otel.proxy.local import local_proxy
 from tokenlay_otel.testing import FakeOpenAIServer
 
 from .conftest import PROVIDER_KEY, SpanCapture
+from .hostile_upstream import chat_body, raw_upstream
 from .proxy_harness import PROXY_KEY
 from .proxy_store_view import StoreView, redis_url, store, wait_for
 
@@ -104,6 +105,34 @@ def test_an_allowed_provider_is_reached_and_others_are_not(store: StoreView) -> 
         assert r.status_code == 400
         assert [q.path for q in allowed.requests] == ["/v1/chat/completions"]
         assert other.requests == []
+
+
+def test_a_cookie_one_caller_got_is_never_sent_for_another(store: StoreView) -> None:
+    """A provider's Set-Cookie (e.g. a load balancer's session) belongs to the caller
+    it answered: the proxy keeps no cookie jar, so no later call, another user's or
+    the same, goes upstream with it."""
+    usage = {"prompt_tokens": 3, "completion_tokens": 2}
+    with (
+        raw_upstream() as upstream,
+        gateway(store, mock_upstream=False, allow_providers=(upstream.url,)) as proxy,
+    ):
+        body = chat_body(usage)
+        first = (
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"set-cookie: session=alice-secret; Path=/\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        upstream.answers = [first, first]
+        base = upstream.url + "/v1"
+        for user in ("alice", "bob"):
+            r = httpx2.post(
+                proxy + "/v1/chat/completions",
+                json=CHAT,
+                headers=auth(base, **{"x-tokenlay-user": user}),
+            )
+            assert r.status_code == 200
+    assert len(upstream.heads) == 2
+    assert all(b"cookie" not in head.lower() for head in upstream.heads)
 
 
 def test_get_requests_pass_auth_and_rules(store: StoreView) -> None:

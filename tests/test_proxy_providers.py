@@ -638,3 +638,97 @@ def test_readable_stream_tells_a_hang_up_as_the_anyio_stream_does() -> None:
         return seen
 
     assert asyncio.run(scenario()) == [(False, False), (True, True)]
+
+
+class _CountingStream(httpcore2.AsyncNetworkStream):
+    def __init__(self, inner: httpcore2.AsyncNetworkStream, writes: list[bytes]) -> None:
+        self._inner, self._writes = inner, writes
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._writes.append(buffer)
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _CountingBackend(httpcore2.AsyncNetworkBackend):
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self._inner = httpcore2.AnyIOBackend()
+
+    async def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore2.AsyncNetworkStream:
+        return _CountingStream(await self._inner.connect_tcp(*args, **kwargs), self.writes)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def test_a_request_goes_upstream_in_one_write() -> None:
+    """A request's head leaves with its body in one write (one system call, one
+    wake-up of the provider), with or without a body, sized or streamed, and what
+    arrives is the request as sent."""
+
+    async def scenario() -> tuple[list[bytes], list[bytes]]:
+        received: list[bytes] = []
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while not reader.at_eof():
+                try:
+                    head = (await reader.readuntil(b"\r\n\r\n")).lower()
+                except asyncio.IncompleteReadError:
+                    return  # the client closed its connection
+                body = b""
+                if b"content-length: " in head:
+                    size = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+                    body = await reader.readexactly(size)
+                elif b"chunked" in head:
+                    body = await reader.readuntil(b"0\r\n\r\n")
+                received.append(head.split(b"\r\n")[0] + b" " + body)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        backend = _CountingBackend()
+        allow = AllowList.build([f"http://127.0.0.1:{port}"], defaults=False)
+        transport = upstream_transport(allow, network_backend=backend)
+
+        async def upload() -> Any:
+            yield b"part1"
+            await asyncio.sleep(0.01)
+            yield b"part2"
+
+        async with server, httpx2.AsyncClient(transport=transport) as client:
+            base = f"http://127.0.0.1:{port}"
+            for response in (
+                await client.post(f"{base}/v1/a", content=b'{"x": 1}'),
+                await client.get(f"{base}/v1/b"),
+                await client.post(f"{base}/v1/c", content=upload()),
+            ):
+                assert response.content == b"ok"
+        return backend.writes, received
+
+    writes, received = asyncio.run(scenario())
+    assert received == [
+        b'post /v1/a http/1.1 {"x": 1}',
+        b"get /v1/b http/1.1 ",
+        b"post /v1/c http/1.1 5\r\npart1\r\n5\r\npart2\r\n0\r\n\r\n",
+    ]
+    heads = [w.split(b"\r\n")[0] for w in writes]
+    # The sized POST and the GET: one write each; the streamed one: its head with its
+    # first part, then each further part and the end.
+    assert heads == [
+        b"POST /v1/a HTTP/1.1",
+        b"GET /v1/b HTTP/1.1",
+        b"POST /v1/c HTTP/1.1",
+        b"5",
+        b"0",
+    ]
+    assert writes[0].endswith(b'\r\n\r\n{"x": 1}')

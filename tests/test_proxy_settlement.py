@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socketserver
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -821,3 +824,59 @@ def test_a_store_that_fails_to_settle_still_lets_the_lease_expire(store: StoreVi
             assert store.leases() == 1  # not given back...
             assert wait_for(lambda: store.leases() == 0, timeout=5)  # ...but it expires
             client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+
+class _KeepAliveSSE(socketserver.ThreadingTCPServer):
+    """Streams one SSE answer per request on kept-alive connections, its chunked end a
+    moment after the last event (as providers may); counts the connections."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, body: bytes) -> None:
+        self.body, self.connections = body, 0
+        super().__init__(("127.0.0.1", 0), _KeepAliveHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class _KeepAliveHandler(socketserver.StreamRequestHandler):
+    server: _KeepAliveSSE
+
+    def handle(self) -> None:
+        self.server.connections += 1
+        while True:
+            length = 0
+            while (line := self.rfile.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            if not line:
+                return
+            self.rfile.read(length)
+            body = self.server.body
+            self.wfile.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(body), body)
+            )
+            time.sleep(0.02)
+            self.wfile.write(b"0\r\n\r\n")
+
+
+def test_a_stream_read_to_its_end_leaves_its_connection_for_the_next(store: StoreView) -> None:
+    """After a stream's last event the proxy reads upstream's chunked end too, so the
+    next stream reuses the connection instead of opening one (and waiting for it)."""
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
+    first = {**base, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}
+    usage = {**base, "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 1}}
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in (first, usage))
+    upstream = _KeepAliveSSE(body + b"data: [DONE]\n\n")
+    try:
+        with gateway(store, upstream.url, ONE_AT_A_TIME) as proxy:
+            for _ in range(3):
+                assert read_raw_stream(proxy, upstream.url).endswith(b"data: [DONE]\n\n")
+                time.sleep(0.1)  # the proxy reads the end after the client has it all
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+    assert upstream.connections == 1
+    assert store.tokens() == 3 * 13 and store.leases() == 0

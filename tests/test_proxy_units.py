@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,60 @@ def test_a_failing_write_leaves_the_writes_beside_it(tmp_path: Path) -> None:
             assert isinstance(answers[5], Exception)
             keys = [f"requests:w{i}" for i in range(5)]
             assert await s.get_many(keys) == [1.0] * 5
+        finally:
+            await s.close()
+
+    asyncio.run(main())
+
+
+def test_a_locked_database_never_holds_the_loop(tmp_path: Path) -> None:
+    """Writes are tried on the loop without waiting for a lock: while another process
+    holds the write lock, they wait on the store's thread instead, the loop runs on,
+    and each is written once when the lock is let go."""
+
+    async def main() -> None:
+        s = SQLiteStore(tmp_path / "usage.db")
+        other = sqlite3.connect(tmp_path / "usage.db", isolation_level=None)
+        try:
+            await s.admit([Hold("requests:l", 1, 100, 3600)], "warm", 60)
+            other.execute("BEGIN IMMEDIATE")  # as another worker's write would
+            loop = asyncio.get_running_loop()
+            writes = [
+                asyncio.ensure_future(s.admit([Hold("requests:l", 1, 100, 3600)], f"l{i}", 60))
+                for i in range(3)
+            ]
+            ticks = []
+            for _ in range(10):
+                before = loop.time()
+                await asyncio.sleep(0.03)
+                ticks.append(loop.time() - before)
+            assert max(ticks) < 0.25  # nothing sat on the loop behind the lock
+            assert not any(w.done() for w in writes)
+            other.execute("COMMIT")
+            answers = await asyncio.wait_for(asyncio.gather(*writes), 10)
+            assert sorted(values[0] for _, values in answers) == [2.0, 3.0, 4.0]
+            assert await s.get_many(["requests:l"]) == [4.0]
+        finally:
+            other.close()
+            await s.close()
+
+    asyncio.run(main())
+
+
+def test_a_write_failing_on_the_loop_is_undone_whole(tmp_path: Path) -> None:
+    """A write done on the loop's connection that fails half-way leaves nothing."""
+
+    async def main() -> None:
+        s = SQLiteStore(tmp_path / "usage.db")
+        try:
+            await s.admit([Hold("requests:w0", 1, 10, 3600)], "a", 60)
+            await s.admit([Hold("requests:w1", 1, 10, 3600)], "b", 60)
+            adjustments = [("requests:w1", 5.0, 3600), ("requests:w0", "x", 3600)]
+            with pytest.raises(TypeError):  # float + str, half-way through the write
+                await s.settle(adjustments, [], "c")  # type: ignore[arg-type]
+            assert await s.get_many(["requests:w0", "requests:w1"]) == [1.0, 1.0]
+            await s.admit([Hold("requests:w1", 1, 10, 3600)], "d", 60)
+            assert await s.get_many(["requests:w1"]) == [2.0]
         finally:
             await s.close()
 

@@ -43,6 +43,10 @@ async def _getaddrinfo(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+#: The largest request head held back to go out with its body.
+_MAX_HELD = 64 * 1024
+
+
 class ReadableStream(httpcore2.AsyncNetworkStream):
     """A network stream that tells ``is_readable`` with one ``poll`` on a socket found once.
 
@@ -51,10 +55,17 @@ class ReadableStream(httpcore2.AsyncNetworkStream):
     building its attribute table anew to find the socket, then a new poll object. That
     was 12% of the proxy's CPU under load with 16 connections (py-spy); this answers
     the same question for a few microseconds.
+
+    It also sends a request's head with the first piece of its body, in one write:
+    httpcore2 writes them apart (and an empty one after a sized body), each a system
+    call and a wake-up of the provider's side. A head waits here only until the next
+    write or read on the connection, so nothing is ever held past the request.
     """
 
     def __init__(self, inner: httpcore2.AsyncNetworkStream) -> None:
         self._inner = inner
+        self._head = b""  # a request's head, not sent yet
+        self._fresh = True  # no write since the last read: the next one is a head
         self._poll: Any = None
         sock = inner.get_extra_info("socket")
         if sock is not None and hasattr(select, "poll"):
@@ -62,13 +73,25 @@ class ReadableStream(httpcore2.AsyncNetworkStream):
             self._poll.register(sock.fileno(), select.POLLIN)
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._head:
+            head, self._head = self._head, b""
+            await self._inner.write(head, timeout)
+        self._fresh = True
         return await self._inner.read(max_bytes, timeout)
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
+        if self._fresh and buffer.endswith(b"\r\n\r\n") and len(buffer) <= _MAX_HELD:
+            self._fresh, self._head = False, buffer
+            return
+        self._fresh = False
+        if self._head:
+            buffer, self._head = self._head + buffer, b""
+        if buffer:
+            await self._inner.write(buffer, timeout)
 
     async def aclose(self) -> None:
         self._poll = None
+        self._head = b""
         await self._inner.aclose()
 
     async def start_tls(
@@ -203,7 +226,7 @@ def upstream_transport(
     backend = _CheckedBackend(
         allow, resolver or _getaddrinfo, network_backend or httpcore2.AnyIOBackend()
     )
-    pool = httpcore2.AsyncConnectionPool(
+    pool = _Pool(
         ssl_context=ssl_context,
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
@@ -213,6 +236,18 @@ def upstream_transport(
         network_backend=backend,
     )
     return _with_pool(transport, pool)
+
+
+class _Pool(httpcore2.AsyncConnectionPool):
+    """httpcore2's pool, minus a cancellation shield per request for no connection.
+
+    The pool calls ``_close_connections`` twice per request, nearly always with none
+    to close; its AnyIO shield was ~3% of the proxy's CPU under load (py-spy). If
+    httpcore2 renames the method, this is a no-op and the pool works as before."""
+
+    async def _close_connections(self, closing: list[httpcore2.AsyncConnectionInterface]) -> None:
+        if closing:
+            await super()._close_connections(closing)
 
 
 def _with_pool(
