@@ -14,11 +14,14 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from ._protocol import (
+from ._wire import (
     MAX_REPORTED_COST_USD,
     MAX_REPORTED_TOKENS,
+    STANDARD_FIELDS,
+    USAGE_OPTION_ENDPOINTS,
     TokenlayResponseMetadata,
     encodable,
+    metered_endpoint,
 )
 
 __all__ = [
@@ -69,7 +72,6 @@ COST = "tokenlay.cost.usd"
 COST_SOURCE = "tokenlay.cost.source"
 WARNING_EVENT = "tokenlay.warning"
 WARNING_MESSAGE = "tokenlay.warning.message"
-STANDARD_METADATA = ("user", "org", "plan", "project", "feature")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +84,15 @@ class Endpoint:
     stream_usage_option: bool
 
 
-_CHAT = Endpoint("chat", "chat_completions", True)
-_RESPONSES = Endpoint("chat", "responses", False)
-_COMPLETIONS = Endpoint("text_completion", None, True)
-_EMBEDDINGS = Endpoint("embeddings", None, False)
+_BY_PATH = {
+    path: Endpoint(operation, api_type, path in USAGE_OPTION_ENDPOINTS)
+    for path, operation, api_type in (
+        ("chat/completions", "chat", "chat_completions"),
+        ("responses", "chat", "responses"),
+        ("completions", "text_completion", None),
+        ("embeddings", "embeddings", None),
+    )
+}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -93,18 +100,8 @@ def endpoint_for(method: str, path: str) -> Endpoint | None:
     """The endpoint of a request, or ``None`` for calls that are not LLM operations.
 
     Cached: a process calls a handful of paths, on every request."""
-    if method.lower() != "post":
-        return None
-    tail = path.split("?", 1)[0].rstrip("/")
-    if tail.endswith("chat/completions"):
-        return _CHAT
-    if tail.endswith("responses"):
-        return _RESPONSES
-    if tail.endswith("completions"):
-        return _COMPLETIONS
-    if tail.endswith("embeddings"):
-        return _EMBEDDINGS
-    return None
+    metered = metered_endpoint(method, path.split("?", 1)[0])
+    return None if metered is None else _BY_PATH[metered]
 
 
 # Host suffix -> well-known gen_ai.provider.name value.
@@ -225,7 +222,7 @@ def _other_request_attributes(others: dict[str, Any], attrs: dict[str, Any]) -> 
 @functools.lru_cache(maxsize=1024)
 def metadata_attribute(field: str) -> str:
     """``tokenlay.user`` ... for standard fields, ``tokenlay.metadata.<name>`` otherwise."""
-    return f"tokenlay.{field}" if field in STANDARD_METADATA else f"tokenlay.metadata.{field}"
+    return f"tokenlay.{field}" if field in STANDARD_FIELDS else f"tokenlay.metadata.{field}"
 
 
 def metadata_attributes(metadata: Mapping[str, str]) -> dict[str, str]:

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from ._attributes import Usage
 from ._fork import renew_after_fork
-from ._protocol import MAX_REPORTED_COST_USD
 from ._safety import log
+from ._wire import MAX_REPORTED_COST_USD
 
 __all__ = ["CostSource", "ModelRates", "PriceBook", "load_price_overrides", "warm_up"]
 

@@ -23,7 +23,12 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
 
 from tokenlay_otel._fork import renew_after_fork
-from tokenlay_otel._protocol import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS, encodable
+from tokenlay_otel._wire import (
+    MAX_REPORTED_COST_USD,
+    MAX_REPORTED_TOKENS,
+    STANDARD_FIELDS,
+    encodable,
+)
 
 __all__ = ["DEFAULT_LEDGER_PATH", "ENV_LEDGER_PATH", "LedgerSpanExporter", "connect", "row_of"]
 
@@ -33,7 +38,6 @@ _log = logging.getLogger("tokenlay_otel")
 ENV_LEDGER_PATH = "TOKENLAY_LEDGER_PATH"
 DEFAULT_LEDGER_PATH = "tokenlay-ledger.db"
 _SCOPE = "tokenlay_otel"
-_STANDARD = ("user", "org", "plan", "project", "feature")
 
 COLUMNS = (
     "time_unix_nano",
@@ -41,11 +45,7 @@ COLUMNS = (
     "span_id",
     "service",
     "operation",
-    "user",
-    "org",
-    "plan",
-    "project",
-    "feature",
+    *STANDARD_FIELDS,
     "metadata",
     "provider",
     "request_model",
@@ -67,11 +67,7 @@ CREATE TABLE IF NOT EXISTS llm_calls (
     span_id TEXT NOT NULL,
     service TEXT,
     operation TEXT,
-    user TEXT,
-    org TEXT,
-    plan TEXT,
-    project TEXT,
-    feature TEXT,
+{fields}
     metadata TEXT,
     provider TEXT,
     request_model TEXT,
@@ -87,7 +83,7 @@ CREATE TABLE IF NOT EXISTS llm_calls (
     PRIMARY KEY (trace_id, span_id)
 );
 CREATE INDEX IF NOT EXISTS llm_calls_time ON llm_calls (time_unix_nano);
-"""
+""".format(fields="\n".join(f"    {field} TEXT," for field in STANDARD_FIELDS))
 
 
 def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
@@ -162,7 +158,7 @@ def _values_of(span: ReadableSpan) -> dict[str, Any] | None:
         "span_id": format(context.span_id, "016x") if context else "",
         "service": span.resource.attributes.get("service.name"),
         "operation": attrs.get("gen_ai.operation.name"),
-        **{field: attrs.get(f"tokenlay.{field}") for field in _STANDARD},
+        **{field: attrs.get(f"tokenlay.{field}") for field in STANDARD_FIELDS},
         "metadata": json.dumps(custom, sort_keys=True) if custom else None,
         "provider": attrs.get("gen_ai.provider.name"),
         "request_model": attrs.get("gen_ai.request.model"),

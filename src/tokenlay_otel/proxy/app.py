@@ -26,7 +26,8 @@ from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import SpanKind
 
 from tokenlay_otel._pricing import PriceBook
-from tokenlay_otel._protocol import PROVIDER_BASE_HEADER, PROVIDER_KEY_HEADER, metadata_from_wire
+from tokenlay_otel._wire import PROVIDER_BASE_HEADER, PROVIDER_KEY_HEADER, metadata_from_wire
+from tokenlay_otel._wire import metered_endpoint as endpoint_of
 
 from .call import Call
 from .connect import upstream_transport
@@ -41,7 +42,6 @@ from .store import UsageStore
 __all__ = ["ProxyConfig", "create_app"]
 
 _log = logging.getLogger("tokenlay_otel.proxy")
-ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
 _METHODS = frozenset({"GET", "POST", "DELETE"})
 # A path segment as providers use them (ids, "ft:model:org"); no dot segments.
 _SEGMENT = re.compile(r"[A-Za-z0-9_.~:@!$'()*+,;=-]+")
@@ -358,13 +358,7 @@ def metered_endpoint(method: str, base: str, suffix: str) -> str | None:
     The request path alone would not do: a base without ``/v1`` and a path with two
     reach ``/v1/chat/completions`` all the same.
     """
-    if method != "POST":
-        return None
-    path = "/" + (urlsplit(base).path + suffix).strip("/")
-    for endpoint in ENDPOINTS:  # chat/completions before completions
-        if path.endswith("/" + endpoint):
-            return endpoint
-    return None
+    return endpoint_of(method, urlsplit(base).path + suffix)
 
 
 def _disguised(method: str, base: str, suffix: str) -> bool:

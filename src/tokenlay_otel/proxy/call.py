@@ -42,6 +42,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from tokenlay_otel._attributes import Usage
+from tokenlay_otel._wire import STANDARD_FIELDS
 
 from .connect import refused_by_policy
 from .estimate import input_tokens, output_cap, text_tokens
@@ -526,7 +527,7 @@ class Call(Responder):
 
     def _record_decision(self, decision: Decision) -> None:
         span = self.span
-        for name in ("user", "org", "plan", "project", "feature"):
+        for name in STANDARD_FIELDS:
             if name in self.incoming.metadata:
                 span.set_attribute(f"tokenlay.{name}", self.incoming.metadata[name])
         attrs: dict[str, str | bool] = {"tokenlay.rule.action": decision.action}
