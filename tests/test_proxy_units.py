@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import tokenlay_otel.proxy
-from tokenlay_otel._attributes import Usage
+from tokenlay_otel._usage import Usage
 from tokenlay_otel.proxy.app import metered_endpoint
 from tokenlay_otel.proxy.estimate import input_tokens, output_cap, text_tokens, valid_usage
 from tokenlay_otel.proxy.limits import bucket, counter_key
@@ -192,7 +192,8 @@ def test_leases_expire_unless_renewed(store: StoreView) -> None:
 _PROXY_MAY_IMPORT = frozenset(
     {
         "tokenlay_otel._wire",
-        "tokenlay_otel._attributes",
+        "tokenlay_otel._conventions",
+        "tokenlay_otel._usage",
         "tokenlay_otel._pricing",
         "tokenlay_otel._fake_openai",
         "tokenlay_otel.exporters",

@@ -27,7 +27,8 @@ from typing import Any, NamedTuple
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
-from ._attributes import ROUTED, Endpoint
+from ._conventions import ROUTED
+from ._endpoints import Endpoint
 from ._metrics import DURATION_METRIC, FIRST_CHUNK_METRIC, USAGE_METRIC
 from ._wire import usage_option_on
 

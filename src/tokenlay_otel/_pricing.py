@@ -15,9 +15,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from ._attributes import Usage
 from ._fork import renew_after_fork
 from ._safety import log
+from ._usage import Usage
 from ._wire import MAX_REPORTED_COST_USD
 
 __all__ = ["CostSource", "ModelRates", "PriceBook", "load_price_overrides", "warm_up"]

@@ -16,9 +16,10 @@ from typing import Any, cast
 
 from openai import APIConnectionError, NotGiven, Omit
 
-from ._attributes import PROVIDER, PROXY_URL, Endpoint, endpoint_for
 from ._config import ENV_ALLOW_HTTP_HOSTS, Route
 from ._context import current_metadata
+from ._conventions import PROVIDER, PROXY_URL
+from ._endpoints import Endpoint, endpoint_for
 from ._responses import remember
 from ._routing import TokenlayRouteError, Unroutable, routes
 from ._safety import internal_error, log

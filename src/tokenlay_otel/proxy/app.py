@@ -25,6 +25,13 @@ import httpx2
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import SpanKind
 
+from tokenlay_otel._conventions import (
+    DURATION_BUCKETS,
+    HTTP_REQUEST_METHOD,
+    HTTP_STATUS_CODE,
+    PROXY_EXIT,
+    URL_PATH,
+)
 from tokenlay_otel._pricing import PriceBook
 from tokenlay_otel._wire import PROVIDER_BASE_HEADER, PROVIDER_KEY_HEADER, metadata_from_wire
 from tokenlay_otel._wire import metered_endpoint as endpoint_of
@@ -50,7 +57,6 @@ _SINGLE = frozenset({b"authorization", PROVIDER_KEY_HEADER.encode(), PROVIDER_BA
 _FORWARDED = frozenset({b"openai-beta", b"openai-organization", b"openai-project"})
 _VISIBLE = re.compile(rb"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 _MAX_MODEL = 256
-_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 
 
 @dataclass
@@ -126,7 +132,7 @@ class Gateway:
             "tokenlay.proxy.upstream.duration",
             unit="s",
             description="Time to the upstream's response headers",
-            explicit_bucket_boundaries_advisory=_BUCKETS,
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
         transport = mock_transport() if config.mock_upstream else upstream_transport(self.allow)
         self.client = httpx2.AsyncClient(
@@ -186,19 +192,19 @@ class Gateway:
             f"{scope['method']} {scope['path']}",
             context=propagate.extract(carrier),
             kind=SpanKind.SERVER,
-            attributes={"http.request.method": scope["method"], "url.path": scope["path"]},
+            attributes={HTTP_REQUEST_METHOD: scope["method"], URL_PATH: scope["path"]},
         )
         try:
             incoming = await self._read(scope, headers, receive)
         except ClientGone:
             _log.debug("the client left before its request was read")
-            span.set_attribute("tokenlay.proxy.exit", "client_gone")
+            span.set_attribute(PROXY_EXIT, "client_gone")
             span.end()
             return
         except _Refused as refusal:
             body = error_body(refusal.message, "invalid_request_error", refusal.code)
             await send_json(send, refusal.status, body)
-            span.set_attribute("http.response.status_code", refusal.status)
+            span.set_attribute(HTTP_STATUS_CODE, refusal.status)
             span.end()
             return
         if self._heartbeat is None:  # on the first call: a lifespan may not be served at all

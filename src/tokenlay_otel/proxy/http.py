@@ -15,7 +15,8 @@ from typing import Any, cast
 
 from opentelemetry.trace import Span
 
-from tokenlay_otel._attributes import Usage
+from tokenlay_otel._conventions import HTTP_STATUS_CODE
+from tokenlay_otel._usage import Usage
 from tokenlay_otel._wire import RuleAction, TokenlayResponseMetadata, response_headers
 
 from .limits import Decision
@@ -136,7 +137,7 @@ class Responder:
         await self._body(payload, more=False)
 
     async def _start(self, status: int, content_type: str, headers: dict[str, str]) -> None:
-        self.span.set_attribute("http.response.status_code", status)
+        self.span.set_attribute(HTTP_STATUS_CODE, status)
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         if content_type:
             raw.append((b"content-type", content_type.encode("latin-1")))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenlay_otel._attributes import Usage, usage_of
+from tokenlay_otel._usage import Usage, usage_of
 from tokenlay_otel._wire import USAGE_OPTION_ENDPOINTS, usage_option_on, with_usage_option
 
 from .estimate import text_bytes, valid_usage
