@@ -18,6 +18,7 @@ from tokenlay_otel._wire import (
     decode_value,
     encode_value,
     format_cost,
+    is_header_text,
     metadata_from_request_headers,
     metadata_from_wire,
     metered_endpoint,
@@ -342,7 +343,7 @@ def test_warnings_are_bounded_in_size_count_and_depth() -> None:
 
 _visible_text = st.text(
     alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=64
-).filter(lambda text: text.strip() == text and text != "")
+).filter(is_header_text)
 _warning = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="[{"), max_size=80
 )
@@ -435,3 +436,12 @@ def test_usage_option_helpers_keep_the_callers_other_options() -> None:
     off = {"stream_options": {"include_usage": False}}
     assert usage_option_given(off)
     assert not usage_option_on(off)
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [("free-tier", True), ("gpt-4o mini", True), (" x", False), ("x ", False),
+     ("Zoë", False), ("東京", False), ("a\tb", False), ("", False), ("x" * 1025, False)],
+)  # fmt: skip
+def test_header_text_is_what_both_sides_read_alike(text: str, ok: bool) -> None:
+    assert is_header_text(text) is ok

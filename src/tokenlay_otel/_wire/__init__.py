@@ -46,6 +46,7 @@ from .response import (
     TokenlayResponseMetadata,
     encodable,
     format_cost,
+    is_header_text,
     parse_response_headers,
     response_headers,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "encode_value",
     "field_header",
     "format_cost",
+    "is_header_text",
     "metadata_from_request_headers",
     "metadata_from_wire",
     "metered_endpoint",

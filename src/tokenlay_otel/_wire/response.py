@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import operator
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -19,6 +20,7 @@ __all__ = [
     "TokenlayResponseMetadata",
     "encodable",
     "format_cost",
+    "is_header_text",
     "parse_response_headers",
     "response_headers",
 ]
@@ -64,6 +66,18 @@ _MAX_WARNINGS_TEXT = 8192
 _MAX_WARNINGS = 32
 _MAX_WARNING = 1024
 _MAX_BRACKETS = 32
+
+
+# What a text header (rule id, model) holds: visible ASCII, spaces inside only. Header
+# bytes are latin-1 to the server that sends them and UTF-8 to the client that reads
+# them, so only ASCII means the same to both.
+_HEADER_TEXT = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+
+
+def is_header_text(value: str) -> bool:
+    """Whether ``value`` can be a rule id or a model in a response header and be read
+    back unchanged (the proxy refuses any other when it loads its rules)."""
+    return len(value) <= _MAX_TEXT and _HEADER_TEXT.fullmatch(value) is not None
 
 
 def format_cost(cost: float) -> str:
