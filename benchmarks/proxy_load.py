@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx2
 
-from tokenlay_otel._protocol import build_request_headers, proxy_url
+from tokenlay_otel._wire import build_request_headers, proxy_url
 from tokenlay_otel.proxy.local import free_port
 
 KEY = "tl-load-key"

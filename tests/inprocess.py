@@ -8,7 +8,7 @@ from typing import Any
 import openai
 import openai._base_client as base_client
 
-from tokenlay_otel.testing import chat_completion
+from tokenlay_otel._fake_openai import chat_chunks, chat_completion, sse
 
 from .conftest import PROVIDER_KEY
 
@@ -21,22 +21,13 @@ def _reply(request: Any) -> Any:
     user = body["messages"][0]["content"]
     # Usage that depends on the caller, so sums can be checked per user.
     prompt, completion = 10 + len(user), 3 + len(user) % 7
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+             "total_tokens": prompt + completion}  # fmt: skip
     if body.get("stream"):
-        base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
-        events = [
-            {**base, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}
-            for w in ("a", "b", "c")
-        ]
-        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
-                 "total_tokens": prompt + completion}  # fmt: skip
-        events.append({**base, "choices": [], "usage": usage})
-        data = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events)
-        return httpx.Response(200, content=data + b"data: [DONE]\n\n",
+        chunks = chat_chunks("gpt-4o-mini", ("a", "b", "c"), usage=usage, id="c", created=1)
+        return httpx.Response(200, content=sse(chunks),
                               headers={"content-type": "text/event-stream"})  # fmt: skip
-    reply = chat_completion("gpt-4o-mini")
-    reply["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                      "total_tokens": prompt + completion}  # fmt: skip
+    reply = chat_completion("gpt-4o-mini", usage=usage)
     return httpx.Response(200, content=json.dumps(reply).encode(),
                           headers={"content-type": "application/json"})  # fmt: skip
 

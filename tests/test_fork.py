@@ -27,8 +27,8 @@ from tokenlay_otel._attributes import endpoint_for
 from tokenlay_otel._config import Settings
 from tokenlay_otel._metrics import CallMeasurements, MetricRecorder, RequestCounts, ValueCap
 from tokenlay_otel._pricing import PriceBook
-from tokenlay_otel._protocol import TokenlayResponseMetadata
 from tokenlay_otel._telemetry import LLMCall, Telemetry
+from tokenlay_otel._wire import TokenlayResponseMetadata
 from tokenlay_otel.exporters.ledger import LedgerSpanExporter
 
 pytestmark = [

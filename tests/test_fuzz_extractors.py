@@ -13,9 +13,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from tokenlay_otel import _attributes as A
 from tokenlay_otel._config import Settings
 from tokenlay_otel._content import input_messages, output_messages, stream_output_messages
-from tokenlay_otel._protocol import parse_response_headers
 from tokenlay_otel._streams import _StreamState
 from tokenlay_otel._telemetry import LLMCall, Telemetry
+from tokenlay_otel._wire import parse_response_headers
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),

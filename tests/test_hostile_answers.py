@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from tokenlay_otel import TokenlayResponseMetadata, get_tokenlay_metadata
 from tokenlay_otel import _attributes as A
-from tokenlay_otel._protocol import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS
+from tokenlay_otel._wire import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS
 from tokenlay_otel.cli import main as cli
 from tokenlay_otel.exporters import LedgerSpanExporter
 from tokenlay_otel.exporters.ledger import COLUMNS, connect
@@ -475,7 +475,7 @@ def test_text_an_answer_could_make_huge_or_unexportable_is_left_out() -> None:
     """A 1 MB model, id and fingerprint, 50,000 choices, a lone surrogate: none of it
     reaches a span."""
     from tokenlay_otel._attributes import MAX_TEXT, response_attributes
-    from tokenlay_otel._protocol import parse_response_headers
+    from tokenlay_otel._wire import parse_response_headers
 
     huge = "m" * 1_000_000
     body = {"id": huge, "model": huge, "system_fingerprint": huge,

@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from tokenlay_otel import metadata
-from tokenlay_otel._protocol import parse_response_headers
 from tokenlay_otel._safety import ENV_RAISE_INTERNAL, guard
+from tokenlay_otel._wire import parse_response_headers
 
 from .conftest import SpanCapture
 from .inprocess import httpx, sync_client

@@ -7,7 +7,8 @@ import logging
 import openai
 import pytest
 
-from tokenlay_otel import _attributes, _protocol, _streams, _telemetry, _wrappers, metadata
+from tokenlay_otel import _attributes, _streams, _telemetry, _wrappers, metadata
+from tokenlay_otel._wire import request as wire_request
 from tokenlay_otel.testing import FakeOpenAIServer, Reply
 
 from .conftest import PROVIDER_KEY, TOKENLAY_KEY, SpanCapture
@@ -32,7 +33,7 @@ HOOKS = [
     (_telemetry.LLMCall, "trace_headers"),
     (_streams._StreamState, "on_end"),
     (_attributes, "model_shifted"),
-    (_protocol, "encode_value"),
+    (wire_request, "encode_value"),
 ]
 
 

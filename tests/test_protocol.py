@@ -1,26 +1,38 @@
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import string
+from typing import Any
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tokenlay_otel._protocol import (
+from tokenlay_otel._urls import check_url_security
+from tokenlay_otel._wire import (
     TokenlayResponseMetadata,
     build_request_headers,
-    check_url_security,
     decode_value,
     encode_value,
+    format_cost,
+    is_header_text,
     metadata_from_request_headers,
+    metadata_from_wire,
+    metered_endpoint,
     normalize_field_name,
     parse_metadata_env,
     parse_response_headers,
     proxy_url,
+    response_headers,
     sanitize_metadata,
     split_caller_headers,
+    usage_option_given,
+    usage_option_on,
     validate_metadata,
+    with_usage_option,
 )
 
 field_names = st.from_regex(r"[a-z0-9_]{1,64}", fullmatch=True).filter(
@@ -271,7 +283,7 @@ def test_printable_ascii_is_all_safe() -> None:
 
 
 def test_response_numbers_are_bounded_at_their_limits() -> None:
-    from tokenlay_otel._protocol import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS
+    from tokenlay_otel._wire import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS
 
     most = str(MAX_REPORTED_TOKENS)
     assert parse_response_headers(
@@ -325,3 +337,111 @@ def test_warnings_are_bounded_in_size_count_and_depth() -> None:
     assert warnings("[" * 5000 + "]" * 5000) is None
     assert warnings(json.dumps(["x" * 1000] * 9)) is None  # 9,036 characters
     assert warnings("[]") == ()
+
+
+# --- the two sides together: what one builds, the other reads back unchanged ---------
+
+_visible_text = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=64
+).filter(is_header_text)
+_warning = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="[{"), max_size=80
+)
+_tokens = st.integers(min_value=0, max_value=10**12)
+
+
+@st.composite
+def _response_metadata(draw: st.DrawFn) -> TokenlayResponseMetadata:
+    def maybe(strategy: st.SearchStrategy[Any]) -> Any:
+        return draw(st.none() | strategy)
+
+    return TokenlayResponseMetadata(
+        rule_id=maybe(_visible_text),
+        rule_action=maybe(st.sampled_from(["allow", "warn", "block", "queue"])),
+        limit_exceeded=maybe(st.booleans()),
+        cost=maybe(st.floats(min_value=0, max_value=1e9)),
+        tokens_used=maybe(_tokens),
+        input_tokens=maybe(_tokens),
+        output_tokens=maybe(_tokens),
+        duration_ms=maybe(_tokens),
+        warnings=maybe(st.lists(_warning, max_size=8).map(tuple)),
+        model=maybe(_visible_text),
+    )
+
+
+@given(_response_metadata())
+def test_response_headers_round_trip(meta: TokenlayResponseMetadata) -> None:
+    headers = response_headers(meta)
+    # As the proxy sends them (latin-1 bytes) and the SDK reads them (httpx headers).
+    wire = httpx.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()])
+    for received in (headers, wire):
+        parsed = parse_response_headers(received)
+        if not headers:
+            assert parsed is None
+            continue
+        assert parsed is not None
+        if meta.cost is None:
+            assert parsed.cost is None
+        else:  # written with 10 decimals
+            assert parsed.cost is not None
+            assert math.isclose(parsed.cost, meta.cost, rel_tol=1e-15, abs_tol=5.1e-11)
+        assert dataclasses.replace(parsed, cost=meta.cost) == meta
+
+
+def test_cost_is_written_in_fixed_point() -> None:
+    assert format_cost(0.00042) == "0.00042"
+    assert format_cost(3.0) == "3"
+    assert format_cost(0.0) == "0"
+    assert format_cost(1e-12) == "0"
+    assert format_cost(123456789.5) == "123456789.5"
+
+
+@given(st.dictionaries(field_names, field_values, max_size=8))
+def test_request_headers_round_trip_through_the_proxys_reader(fields: dict[str, str]) -> None:
+    headers = build_request_headers(
+        tokenlay_key="tl", provider_key="pk", provider_base="https://p", metadata=fields
+    )
+    wire = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    # An empty value names nothing on the proxy's side.
+    assert metadata_from_wire(wire) == {k: v for k, v in fields.items() if v}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "endpoint"),
+    [
+        ("POST", "/chat/completions", "chat/completions"),
+        ("post", "https://api.openai.com/v1/completions/", "completions"),
+        ("POST", "/openai/deployments/d/embeddings", "embeddings"),
+        ("POST", "v1/responses", "responses"),
+        ("POST", "/v1/xchat/completions", "completions"),
+        ("GET", "/v1/chat/completions", None),
+        ("POST", "/v1/models", None),
+        ("POST", "/v1/chat/completions/extra", None),
+    ],
+)
+def test_metered_endpoint_is_told_by_the_end_of_the_path(
+    method: str, path: str, endpoint: str | None
+) -> None:
+    assert metered_endpoint(method, path) == endpoint
+
+
+def test_usage_option_helpers_keep_the_callers_other_options() -> None:
+    body = {"stream": True, "stream_options": {"include_obfuscation": False}}
+    assert not usage_option_given(body)
+    assert not usage_option_on(body)
+    added = with_usage_option(body)
+    assert added["stream_options"] == {"include_obfuscation": False, "include_usage": True}
+    assert body["stream_options"] == {"include_obfuscation": False}, "the caller's is copied"
+    assert usage_option_on(added)
+    off = {"stream_options": {"include_usage": False}}
+    assert usage_option_given(off)
+    assert not usage_option_on(off)
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [("free-tier", True), ("gpt-4o mini", True), (" x", False), ("x ", False),
+     ("Zoë", False), ("東京", False), ("a\tb", False), ("", False), ("x" * 1025, False)],
+)  # fmt: skip
+def test_header_text_is_what_both_sides_read_alike(text: str, ok: bool) -> None:
+    assert is_header_text(text) is ok

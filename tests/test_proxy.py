@@ -385,3 +385,32 @@ def test_streams_are_relayed_without_buffering(tmp_path: Path) -> None:
     # Upstream spends 0.2 s between events: the first one must not wait for the others.
     assert first_at < 0.15
     assert total > 1.0
+
+
+@pytest.mark.parametrize(
+    ("then", "field"),
+    [
+        ({"action": "allow"}, "id"),
+        ({"model": "gpt-4o-mini", "action": "allow"}, None),
+        ({"model": "mödel", "action": "allow"}, "then.model"),
+        (
+            {"action": "allow", "limits": [{"type": "requests", "max": 1, "per": "user"}],
+             "on_limit_exceeded": {"action": "downgrade", "downgrade_to": "小模型"}},
+            "then.on_limit_exceeded.downgrade_to",
+        ),
+    ],
+)  # fmt: skip
+def test_rule_ids_and_models_the_headers_cannot_carry_are_refused_at_load(
+    then: dict[str, object], field: str | None
+) -> None:
+    # A rule id outside latin-1 made every call it matched a 500; one inside it reached
+    # the SDK garbled (latin-1 bytes read as UTF-8).
+    from tokenlay_otel.proxy import RulesError
+
+    rule_id = "東京" if field == "id" else "r1"
+    rules = {"rules": [{"id": rule_id, "if": {}, "then": then}]}
+    if field is None:
+        parse_rules(rules)
+        return
+    with pytest.raises(RulesError, match=rf"\.{field}: must be printable ASCII"):
+        parse_rules(rules)

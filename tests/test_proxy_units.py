@@ -3,6 +3,7 @@ the stream tap, and admit/settle/renew on SQLite and Redis."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import sqlite3
@@ -12,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tokenlay_otel._attributes import Usage
+import tokenlay_otel.proxy
+from tokenlay_otel._usage import Usage
 from tokenlay_otel.proxy.app import metered_endpoint
 from tokenlay_otel.proxy.estimate import input_tokens, output_cap, text_tokens, valid_usage
 from tokenlay_otel.proxy.limits import bucket, counter_key
@@ -280,3 +282,43 @@ def test_leases_expire_unless_renewed(store: StoreView) -> None:
             await s.close()
 
     asyncio.run(main())
+
+
+#: What the proxy may import from the SDK: the wire contract, the names and buckets of
+#: its telemetry, usage and prices, the fake answers of --mock-upstream, and the public
+#: exporters; never the testing helpers or the SDK's call machinery.
+_PROXY_MAY_IMPORT = frozenset(
+    {
+        "tokenlay_otel._wire",
+        "tokenlay_otel._conventions",
+        "tokenlay_otel._usage",
+        "tokenlay_otel._pricing",
+        "tokenlay_otel._fake_openai",
+        "tokenlay_otel.exporters",
+    }
+)
+
+
+def _sdk_imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 2:  # from .. import x
+            base = "tokenlay_otel" + (f".{node.module}" if node.module else "")
+            found.update([base] if node.module else (f"{base}.{a.name}" for a in node.names))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return {name for name in found if name.split(".")[0] == "tokenlay_otel"}
+
+
+def test_the_proxy_imports_only_the_contract_and_public_sdk_pieces() -> None:
+    proxy = Path(tokenlay_otel.proxy.__file__).parent
+    imported = {(path.name, name) for path in proxy.glob("*.py") for name in _sdk_imports(path)}
+    assert ("mock.py", "tokenlay_otel._fake_openai") in imported, "the check reads imports"
+    outside = {
+        (module, name)
+        for module, name in imported
+        if not name.startswith("tokenlay_otel.proxy") and name not in _PROXY_MAY_IMPORT
+    }
+    assert outside == set()

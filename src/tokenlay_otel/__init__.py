@@ -38,10 +38,10 @@ from typing import Any as _Any
 from ._client import AsyncTokenlayOpenAI, TokenlayOpenAI
 from ._context import metadata
 from ._instrumentor import TokenlayInstrumentor
-from ._protocol import TokenlayResponseMetadata
 from ._responses import get_tokenlay_metadata
 from ._routing import TokenlayRouteError
 from ._version import __version__
+from ._wire import TokenlayResponseMetadata
 
 if _TYPE_CHECKING:
     from .exporters import configure

@@ -1,174 +1,112 @@
 """Request and response data -> span attributes (OpenTelemetry GenAI conventions).
 
 Pure: functions take plain values (request JSON, parsed responses, headers) and return
-dicts; they never see a span.
+dicts; they never see a span. The names come from :mod:`._conventions`, endpoints from
+:mod:`._endpoints`, usage from :mod:`._usage`; the call recorders read them all here as
+``A.<name>``, so this module hands them on.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from typing import Any
 
-from ._protocol import (
-    MAX_REPORTED_COST_USD,
-    MAX_REPORTED_TOKENS,
-    TokenlayResponseMetadata,
-    encodable,
+from ._conventions import (
+    API_TYPE,
+    BYPASSED,
+    CACHED_INPUT_TOKENS,
+    CHOICE_COUNT,
+    COST,
+    COST_SOURCE,
+    ERROR_TYPE,
+    FINISH_REASONS,
+    FREQUENCY_PENALTY,
+    INPUT_MESSAGES,
+    INPUT_TOKENS,
+    LIMIT_EXCEEDED,
+    MAX_TOKENS,
+    MODEL_SHIFTED,
+    OPERATION,
+    OUTPUT_MESSAGES,
+    OUTPUT_TOKENS,
+    PRESENCE_PENALTY,
+    PROVIDER,
+    PROXY_URL,
+    REASONING_TOKENS,
+    REQUEST_MODEL,
+    REQUEST_SERVICE_TIER,
+    RESPONSE_ID,
+    RESPONSE_MODEL,
+    RESPONSE_SERVICE_TIER,
+    ROUTED,
+    RULE_ACTION,
+    RULE_ID,
+    SEED,
+    STOP_SEQUENCES,
+    STREAM,
+    SYSTEM_FINGERPRINT,
+    TEMPERATURE,
+    TIME_TO_FIRST_CHUNK,
+    TOP_P,
+    WARNING_EVENT,
+    WARNING_MESSAGE,
+    metadata_attribute,
 )
+from ._endpoints import Endpoint, endpoint_for, provider_attributes
+from ._usage import Usage, _get, fields_of, number, usage_of
+from ._wire import TokenlayResponseMetadata, encodable
 
 __all__ = [
+    "BYPASSED",
+    "COST",
+    "COST_SOURCE",
+    "ERROR_TYPE",
+    "FINISH_REASONS",
+    "INPUT_MESSAGES",
+    "MAX_TEXT",
+    "MODEL_SHIFTED",
+    "OPERATION",
+    "OUTPUT_MESSAGES",
+    "PROVIDER",
+    "PROXY_URL",
+    "REQUEST_MODEL",
+    "RESPONSE_FIELDS",
+    "RESPONSE_ID",
+    "RESPONSE_MODEL",
+    "RESPONSE_SERVICE_TIER",
+    "ROUTED",
+    "RULE_ACTION",
+    "SYSTEM_FINGERPRINT",
+    "TIME_TO_FIRST_CHUNK",
+    "WARNING_EVENT",
+    "WARNING_MESSAGE",
     "Endpoint",
     "Usage",
+    "_get",
     "endpoint_for",
     "error_type",
+    "fields_of",
     "metadata_attribute",
     "metadata_attributes",
+    "model_shifted",
     "provider_attributes",
     "request_attributes",
     "response_attributes",
+    "short_text",
     "tokenlay_response_attributes",
     "usage_attributes",
     "usage_of",
 ]
 
-# Attribute names (GenAI semantic conventions, released v1.37+ names).
-OPERATION = "gen_ai.operation.name"
-PROVIDER = "gen_ai.provider.name"
-REQUEST_MODEL = "gen_ai.request.model"
-RESPONSE_MODEL = "gen_ai.response.model"
-RESPONSE_ID = "gen_ai.response.id"
-FINISH_REASONS = "gen_ai.response.finish_reasons"
-INPUT_TOKENS = "gen_ai.usage.input_tokens"
-OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
-CACHED_INPUT_TOKENS = "gen_ai.usage.cache_read.input_tokens"
-REASONING_TOKENS = "gen_ai.usage.reasoning.output_tokens"
-TIME_TO_FIRST_CHUNK = "gen_ai.response.time_to_first_chunk"
-SERVER_ADDRESS = "server.address"
-SERVER_PORT = "server.port"
-ERROR_TYPE = "error.type"
-API_TYPE = "openai.api.type"
-REQUEST_SERVICE_TIER = "openai.request.service_tier"
-RESPONSE_SERVICE_TIER = "openai.response.service_tier"
-SYSTEM_FINGERPRINT = "openai.response.system_fingerprint"
-INPUT_MESSAGES = "gen_ai.input.messages"
-OUTPUT_MESSAGES = "gen_ai.output.messages"
-ROUTED = "tokenlay.routed"
-BYPASSED = "tokenlay.proxy.bypassed"
-#: The Tokenlay base URL a call failed to reach (set on connection errors only).
-PROXY_URL = "tokenlay.proxy.url"
-RULE_ID = "tokenlay.rule.id"
-RULE_ACTION = "tokenlay.rule.action"
-LIMIT_EXCEEDED = "tokenlay.limit_exceeded"
-MODEL_SHIFTED = "tokenlay.model_shifted"
-COST = "tokenlay.cost.usd"
-COST_SOURCE = "tokenlay.cost.source"
-WARNING_EVENT = "tokenlay.warning"
-WARNING_MESSAGE = "tokenlay.warning.message"
-STANDARD_METADATA = ("user", "org", "plan", "project", "feature")
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One family of OpenAI API calls, told by the request path."""
-
-    operation: str
-    api_type: str | None
-    #: Whether the endpoint accepts ``stream_options.include_usage``.
-    stream_usage_option: bool
-
-
-_CHAT = Endpoint("chat", "chat_completions", True)
-_RESPONSES = Endpoint("chat", "responses", False)
-_COMPLETIONS = Endpoint("text_completion", None, True)
-_EMBEDDINGS = Endpoint("embeddings", None, False)
-
-
-@functools.lru_cache(maxsize=1024)
-def endpoint_for(method: str, path: str) -> Endpoint | None:
-    """The endpoint of a request, or ``None`` for calls that are not LLM operations.
-
-    Cached: a process calls a handful of paths, on every request."""
-    if method.lower() != "post":
-        return None
-    tail = path.split("?", 1)[0].rstrip("/")
-    if tail.endswith("chat/completions"):
-        return _CHAT
-    if tail.endswith("responses"):
-        return _RESPONSES
-    if tail.endswith("completions"):
-        return _COMPLETIONS
-    if tail.endswith("embeddings"):
-        return _EMBEDDINGS
-    return None
-
-
-# Host suffix -> well-known gen_ai.provider.name value.
-_PROVIDERS: tuple[tuple[str, str], ...] = (
-    ("api.openai.com", "openai"),
-    (".openai.azure.com", "azure.ai.openai"),
-    (".cognitiveservices.azure.com", "azure.ai.openai"),
-    (".services.ai.azure.com", "azure.ai.inference"),
-    ("api.mistral.ai", "mistral_ai"),
-    ("api.anthropic.com", "anthropic"),
-    ("api.groq.com", "groq"),
-    ("api.deepseek.com", "deepseek"),
-    ("api.x.ai", "x_ai"),
-    ("api.cohere.com", "cohere"),
-    ("api.cohere.ai", "cohere"),
-    ("api.perplexity.ai", "perplexity"),
-    ("generativelanguage.googleapis.com", "gcp.gemini"),
-    ("aiplatform.googleapis.com", "gcp.vertex_ai"),
-    (".amazonaws.com", "aws.bedrock"),
-    (".ml.cloud.ibm.com", "ibm.watsonx.ai"),
-)
-
-
-@functools.lru_cache(maxsize=256)
-def provider_attributes(base_url: str) -> Mapping[str, Any]:
-    """``gen_ai.provider.name``, ``server.address`` and ``server.port`` of a provider URL.
-
-    Cached per URL (a process talks to a handful of providers); the result is read-only.
-    """
-    parts = urlsplit(base_url)
-    host = (parts.hostname or "").lower()
-    name = host or "unknown"
-    for suffix, provider in _PROVIDERS:
-        bare = suffix.lstrip(".")
-        if host == bare or host.endswith("." + bare):
-            name = provider
-            break
-    attrs: dict[str, Any] = {PROVIDER: name}
-    if host:
-        attrs[SERVER_ADDRESS] = host
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        attrs[SERVER_PORT] = port or (443 if parts.scheme == "https" else 80)
-    return MappingProxyType(attrs)
-
-
-def _number(value: Any) -> float | int | None:
-    kind = type(value)
-    if kind is int or kind is float:  # the common case, without isinstance
-        return value  # type: ignore[no-any-return]
-    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return value  # a subclass, e.g. numpy.float64
-
 
 # Request body key -> attribute, for plain numeric parameters.
 _REQUEST_NUMBERS = {
-    "temperature": "gen_ai.request.temperature",
-    "top_p": "gen_ai.request.top_p",
-    "frequency_penalty": "gen_ai.request.frequency_penalty",
-    "presence_penalty": "gen_ai.request.presence_penalty",
-    "seed": "gen_ai.request.seed",
+    "temperature": TEMPERATURE,
+    "top_p": TOP_P,
+    "frequency_penalty": FREQUENCY_PENALTY,
+    "presence_penalty": PRESENCE_PENALTY,
+    "seed": SEED,
 }
 # The first of these the body has is the token cap (newest spelling first).
 _MAX_TOKENS_KEYS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
@@ -185,7 +123,7 @@ def request_attributes(body: Mapping[str, Any], endpoint: Endpoint) -> dict[str,
     for key, value in body.items():
         name = _REQUEST_NUMBERS.get(key)
         if name is not None:
-            if _number(value) is not None:
+            if number(value) is not None:
                 attrs[name] = value
         elif key in _OTHER_REQUEST_KEYS:
             if others is None:
@@ -203,130 +141,27 @@ def _other_request_attributes(others: dict[str, Any], attrs: dict[str, Any]) -> 
     if len(others) == 1 and model is not None:
         return  # the common case: no other parameter given
     for key in _MAX_TOKENS_KEYS:
-        value = _number(others.get(key))
+        value = number(others.get(key))
         if value is not None:
-            attrs["gen_ai.request.max_tokens"] = value
+            attrs[MAX_TOKENS] = value
             break
-    n = _number(others.get("n"))
+    n = number(others.get("n"))
     if n is not None and n != 1:
-        attrs["gen_ai.request.choice.count"] = n
+        attrs[CHOICE_COUNT] = n
     stop = others.get("stop")
     if isinstance(stop, str):
-        attrs["gen_ai.request.stop_sequences"] = (stop,)
+        attrs[STOP_SEQUENCES] = (stop,)
     elif isinstance(stop, list | tuple) and all(isinstance(s, str) for s in stop):
-        attrs["gen_ai.request.stop_sequences"] = tuple(stop)
+        attrs[STOP_SEQUENCES] = tuple(stop)
     if others.get("stream") is True:
-        attrs["gen_ai.request.stream"] = True
+        attrs[STREAM] = True
     tier = others.get("service_tier")
     if isinstance(tier, str) and tier != "auto":
         attrs[REQUEST_SERVICE_TIER] = tier
 
 
-@functools.lru_cache(maxsize=1024)
-def metadata_attribute(field: str) -> str:
-    """``tokenlay.user`` ... for standard fields, ``tokenlay.metadata.<name>`` otherwise."""
-    return f"tokenlay.{field}" if field in STANDARD_METADATA else f"tokenlay.metadata.{field}"
-
-
 def metadata_attributes(metadata: Mapping[str, str]) -> dict[str, str]:
     return {metadata_attribute(k): v for k, v in metadata.items()}
-
-
-# type -> whether it is a pydantic model; a process sees a few dozen types.
-_MODEL_TYPES: dict[type, bool] = {}
-
-
-def fields_of(obj: Any, keys: tuple[str, ...]) -> Mapping[str, Any]:
-    """The fields of a parsed openai model or a plain dict, as one mapping to read.
-
-    A pydantic model keeps its fields in ``__dict__`` and unknown ones (``usage.cost``
-    from a proxy) in ``__pydantic_extra__``; reading them there avoids ``getattr``,
-    which costs an exception per missing field. Any other object gives ``keys`` read
-    as attributes.
-    """
-    kind = type(obj)
-    if kind is dict:
-        return obj  # type: ignore[no-any-return]
-    model = _MODEL_TYPES.get(kind)
-    if model is None:
-        model = hasattr(kind, "__pydantic_fields__") and not issubclass(kind, Mapping)
-        if len(_MODEL_TYPES) < 1024:
-            _MODEL_TYPES[kind] = model
-    if model:
-        extra = obj.__pydantic_extra__
-        return {**extra, **obj.__dict__} if extra else obj.__dict__  # type: ignore[no-any-return]
-    if isinstance(obj, Mapping):
-        return obj
-    return {key: getattr(obj, key, None) for key in keys}
-
-
-def _get(obj: Any, key: str) -> Any:
-    """One field of a parsed openai model or of a plain dict (raw JSON, stream events)."""
-    return None if obj is None else fields_of(obj, (key,)).get(key)
-
-
-class Usage(NamedTuple):
-    """Token counts of one call, whichever API shape they came in."""
-
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cached_input_tokens: int | None = None
-    reasoning_tokens: int | None = None
-    #: ``usage.cost`` (USD) when a proxy reported it in the body (OpenRouter convention).
-    cost: float | None = None
-
-
-def _int(value: Any) -> int | None:
-    """A token count as reported: an int from 0 to MAX_REPORTED_TOKENS, else ``None``."""
-    # The common case (an int) first, without isinstance.
-    if type(value) is not int and (
-        value is None or isinstance(value, bool) or not isinstance(value, int)
-    ):
-        return None
-    return value if 0 <= value <= MAX_REPORTED_TOKENS else None
-
-
-_USAGE_FIELDS = (
-    "input_tokens",
-    "prompt_tokens",
-    "output_tokens",
-    "completion_tokens",
-    "input_tokens_details",
-    "prompt_tokens_details",
-    "output_tokens_details",
-    "completion_tokens_details",
-    "cost",
-)
-
-
-def usage_of(usage: Any) -> Usage | None:
-    """Normalise chat/completions (``prompt_tokens``) and responses (``input_tokens``).
-
-    Each count and the cost is taken on its own: one that is negative, not finite, a
-    bool or past ``MAX_REPORTED_TOKENS``/``MAX_REPORTED_COST_USD`` is left out.
-    """
-    if usage is None:
-        return None
-    fields = fields_of(usage, _USAGE_FIELDS)
-    input_tokens = _int(fields.get("input_tokens"))
-    if input_tokens is None:
-        input_tokens = _int(fields.get("prompt_tokens"))
-    output_tokens = _int(fields.get("output_tokens"))
-    if output_tokens is None:
-        output_tokens = _int(fields.get("completion_tokens"))
-    in_details = fields.get("input_tokens_details") or fields.get("prompt_tokens_details")
-    out_details = fields.get("output_tokens_details") or fields.get("completion_tokens_details")
-    cost_value = _number(fields.get("cost"))
-    return Usage(
-        input_tokens,
-        output_tokens,
-        _int(_get(in_details, "cached_tokens")) if in_details else None,
-        _int(_get(out_details, "reasoning_tokens")) if out_details else None,
-        # NaN fails the range check; it is checked before float(), which refuses a huge int.
-        float(cost_value)
-        if cost_value is not None and 0 <= cost_value <= MAX_REPORTED_COST_USD
-        else None,
-    )
 
 
 def _present(pairs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:

@@ -14,9 +14,10 @@ from typing import Any, cast
 import openai
 
 from ._config import ENV_ALLOW_HTTP_HOSTS, Route, client_route
-from ._protocol import check_url_security, split_caller_headers, validate_metadata
 from ._safety import redact_openai_debug_logs
 from ._state import current_telemetry
+from ._urls import check_url_security
+from ._wire import split_caller_headers, validate_metadata
 from ._wrappers import note_http_response, request_async, request_sync
 
 __all__ = ["AsyncTokenlayOpenAI", "TokenlayOpenAI"]

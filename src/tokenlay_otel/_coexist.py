@@ -27,8 +27,10 @@ from typing import Any, NamedTuple
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
-from ._attributes import ROUTED, Endpoint
+from ._conventions import ROUTED
+from ._endpoints import Endpoint
 from ._metrics import DURATION_METRIC, FIRST_CHUNK_METRIC, USAGE_METRIC
+from ._wire import usage_option_on
 
 __all__ = ["OTHERS", "Other", "Shared", "shared_call", "their_share"]
 
@@ -140,8 +142,7 @@ def _taken(span: Span) -> bool:
 def _usage_reaches_them(endpoint: Endpoint, body: Mapping[str, Any]) -> bool:
     if body.get("stream") is not True or not endpoint.stream_usage_option:
         return True  # a whole answer, or a stream whose usage arrives in its last event
-    options = body.get("stream_options")
-    return isinstance(options, Mapping) and options.get("include_usage") is True
+    return usage_option_on(body)
 
 
 def _instrumenting(other: Other) -> bool:

@@ -11,8 +11,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from ._protocol import check_url_security, normalize_field_name, parse_metadata_env
 from ._routing import DEFAULT_SCOPE, RouteScope, parse_scope
+from ._urls import check_url_security
+from ._wire import normalize_field_name, parse_metadata_env
 
 __all__ = [
     "DEFAULT_PROVIDER_API_BASE",

@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ._attributes import _get
+from ._usage import _get
 
 __all__ = ["input_messages", "output_messages", "stream_output_messages"]
 

@@ -13,7 +13,7 @@ from contextvars import ContextVar, Token
 from types import MappingProxyType, TracebackType
 from typing import Any, TypeVar, cast
 
-from ._protocol import normalize_field_name, validate_metadata
+from ._wire import normalize_field_name, validate_metadata
 
 __all__ = ["current_metadata", "metadata"]
 

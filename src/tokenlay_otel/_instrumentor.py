@@ -25,10 +25,10 @@ from ._config import (
     Settings,
 )
 from ._pricing import warm_up
-from ._protocol import display_url
 from ._routing import Unroutable, describe_scope
 from ._safety import log, redact_openai_debug_logs
 from ._state import build_telemetry, install_telemetry, uninstall_telemetry
+from ._urls import display_url
 from ._wrappers import note_http_response, request_async, request_sync
 
 __all__ = ["TokenlayInstrumentor"]

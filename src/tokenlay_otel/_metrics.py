@@ -16,9 +16,10 @@ from opentelemetry import metrics
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from ._attributes import (
+from ._conventions import (
     BYPASSED,
     COST_SOURCE,
+    DURATION_BUCKETS,
     ERROR_TYPE,
     MODEL_SHIFTED,
     OPERATION,
@@ -27,6 +28,8 @@ from ._attributes import (
     RESPONSE_MODEL,
     ROUTED,
     RULE_ACTION,
+    TOKEN_BUCKETS,
+    TOKEN_TYPE,
     metadata_attribute,
 )
 from ._fork import renew_after_fork
@@ -46,20 +49,12 @@ __all__ = [
     "process_cap",
 ]
 
-DURATION_BUCKETS = (
-    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
-)  # fmt: skip
-TOKEN_BUCKETS = (
-    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
-)  # fmt: skip
-
 #: The GenAI convention histograms; another openai instrumentation records them too.
 DURATION_METRIC = "gen_ai.client.operation.duration"
 USAGE_METRIC = "gen_ai.client.token.usage"
 FIRST_CHUNK_METRIC = "gen_ai.client.operation.time_to_first_chunk"
 
 OTHER = "_other"
-USAGE_TYPE = "gen_ai.token.type"  # input or output, on token.usage points
 REQUESTS = "tokenlay.client.requests"
 _REQUESTS_UNIT = "{request}"
 _REQUESTS_DESCRIPTION = "LLM calls, by proxy decision and cost source"
@@ -329,8 +324,8 @@ class MetricRecorder:
         }
         return _AttributeSets(
             common=common,
-            input_tokens={**common, USAGE_TYPE: "input"},
-            output_tokens={**common, USAGE_TYPE: "output"},
+            input_tokens={**common, TOKEN_TYPE: "input"},
+            output_tokens={**common, TOKEN_TYPE: "output"},
             requests=requests,
             requests_key=frozenset(requests.items()),
             cost={**common, COST_SOURCE: m.cost_source},

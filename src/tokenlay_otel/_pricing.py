@@ -15,10 +15,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from ._attributes import Usage
 from ._fork import renew_after_fork
-from ._protocol import MAX_REPORTED_COST_USD
 from ._safety import log
+from ._usage import Usage
+from ._wire import MAX_REPORTED_COST_USD
 
 __all__ = ["CostSource", "ModelRates", "PriceBook", "load_price_overrides", "warm_up"]
 

@@ -13,7 +13,7 @@ import weakref
 from typing import Any
 
 from ._fork import renew_after_fork
-from ._protocol import TokenlayResponseMetadata, parse_response_headers
+from ._wire import TokenlayResponseMetadata, parse_response_headers
 
 __all__ = ["get_tokenlay_metadata", "remember"]
 

@@ -19,10 +19,10 @@ import wrapt
 
 from . import _attributes as A
 from ._content import stream_output_messages
-from ._protocol import TokenlayResponseMetadata
 from ._responses import remember
 from ._safety import guard, internal_error
 from ._telemetry import LLMCall
+from ._wire import TokenlayResponseMetadata
 
 __all__ = ["wrap_result"]
 

@@ -22,9 +22,9 @@ from ._config import Settings
 from ._content import input_messages, output_messages
 from ._metrics import CallMeasurements, MetricRecorder
 from ._pricing import CostSource, PriceBook, load_price_overrides
-from ._protocol import TokenlayResponseMetadata, parse_response_headers
 from ._safety import guard
 from ._version import __version__
+from ._wire import TokenlayResponseMetadata, parse_response_headers
 
 __all__ = ["LLMCall", "Telemetry"]
 

@@ -16,27 +16,29 @@ from typing import Any, cast
 
 from openai import APIConnectionError, NotGiven, Omit
 
-from ._attributes import PROVIDER, PROXY_URL, Endpoint, endpoint_for
 from ._config import ENV_ALLOW_HTTP_HOSTS, Route
 from ._context import current_metadata
-from ._protocol import (
-    HEADER_PREFIX,
-    build_request_headers,
-    check_url_security,
-    display_url,
-    normalize_field_name,
-    parse_response_headers,
-    proxy_url,
-    sanitize_metadata,
-    split_caller_headers,
-    validate_metadata,
-)
+from ._conventions import PROVIDER, PROXY_URL
+from ._endpoints import Endpoint, endpoint_for
 from ._responses import remember
 from ._routing import TokenlayRouteError, Unroutable, routes
 from ._safety import internal_error, log
 from ._streams import wrap_result
 from ._telemetry import LLMCall, Telemetry
+from ._urls import check_url_security, display_url
 from ._usage_option import api_version_of, usage_option_accepted
+from ._wire import (
+    HEADER_PREFIX,
+    build_request_headers,
+    normalize_field_name,
+    parse_response_headers,
+    proxy_url,
+    sanitize_metadata,
+    split_caller_headers,
+    usage_option_given,
+    validate_metadata,
+    with_usage_option,
+)
 
 __all__ = ["note_http_response", "request_async", "request_sync"]
 
@@ -278,8 +280,7 @@ def _wants_usage_chunk(
 ) -> bool:
     if endpoint is None or not endpoint.stream_usage_option or body.get("stream") is not True:
         return False
-    options = body.get("stream_options")
-    if isinstance(options, Mapping) and "include_usage" in options:
+    if usage_option_given(body):
         return False  # the caller decided
     if routed:
         return True  # the proxy accepts it
@@ -332,12 +333,7 @@ def _start(
     try:
         update: dict[str, Any] = {}
         if hide_usage:
-            stream_options = body.get("stream_options")
-            stream_options = dict(stream_options) if isinstance(stream_options, Mapping) else {}
-            update["json_data"] = {
-                **body,
-                "stream_options": {**stream_options, "include_usage": True},
-            }
+            update["json_data"] = with_usage_option(body)
         if routed and route is not None:
             headers = _routed_headers(client, route, caller_rest, metadata, provider_base)
             if llm is not None:

@@ -19,19 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ._protocol import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS
 from ._version import __version__
+from ._wire import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS, STANDARD_FIELDS
 from .exporters.ledger import DEFAULT_LEDGER_PATH, ENV_LEDGER_PATH
 
 __all__ = ["main", "spend_report"]
 
+# --by choice -> SQL expression; each standard metadata field is a ledger column.
 _GROUPS = {
-    "org": "org",
-    "user": "user",
+    **{field: field for field in STANDARD_FIELDS},
     "model": "COALESCE(response_model, request_model)",
-    "feature": "feature",
-    "plan": "plan",
-    "project": "project",
     "provider": "provider",
 }
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

@@ -19,11 +19,23 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
+
+from ._fake_openai import (
+    SSE_DONE,
+    chat_chunks,
+    chat_completion,
+    chat_usage,
+    completion,
+    embeddings,
+    response_body,
+    response_events,
+    sse_event,
+)
 
 __all__ = ["FakeOpenAIServer", "RecordedRequest", "Reply"]
 
@@ -63,104 +75,6 @@ class Reply:
     events: list[dict[str, Any]] | None = None
     #: With ``events``: drop the connection after this many, without ending the stream.
     disconnect_after: int | None = None
-
-
-def _usage_chat(prompt: int, completion: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0},
-    }
-
-
-def chat_completion(model: str, text: str = "Hello from the fake server.") -> dict[str, Any]:
-    """A deterministic ``chat.completion`` body."""
-    return {
-        "id": "chatcmpl-fake-1",
-        "object": "chat.completion",
-        "created": 1_700_000_000,
-        "model": model,
-        "system_fingerprint": "fp_fake",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "finish_reason": "stop",
-                "logprobs": None,
-            }
-        ],
-        "usage": _usage_chat(12, 7),
-    }
-
-
-def _chat_chunks(model: str, words: list[str], include_usage: bool) -> Iterator[dict[str, Any]]:
-    base = {"id": "chatcmpl-fake-s", "object": "chat.completion.chunk", "created": 1_700_000_000}
-    base["model"] = model
-    for i, word in enumerate(words):
-        delta: dict[str, Any] = {"content": word}
-        if i == 0:
-            delta["role"] = "assistant"
-        choice = {"index": 0, "delta": delta, "finish_reason": None}
-        yield {**base, "choices": [choice]}
-    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-    if include_usage:
-        yield {**base, "choices": [], "usage": _usage_chat(12, len(words))}
-
-
-def _embeddings(model: str, inputs: Any) -> dict[str, Any]:
-    items = inputs if isinstance(inputs, list) else [inputs]
-    return {
-        "object": "list",
-        "model": model,
-        "data": [
-            {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
-            for i, _ in enumerate(items)
-        ],
-        "usage": {"prompt_tokens": 5 * len(items), "total_tokens": 5 * len(items)},
-    }
-
-
-def _completion(model: str) -> dict[str, Any]:
-    return {
-        "id": "cmpl-fake-1",
-        "object": "text_completion",
-        "created": 1_700_000_000,
-        "model": model,
-        "choices": [{"index": 0, "text": " world", "finish_reason": "stop", "logprobs": None}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-    }
-
-
-def response_body(model: str, text: str = "Hello from the fake server.") -> dict[str, Any]:
-    """A deterministic Responses API ``response`` body."""
-    return {
-        "id": "resp_fake_1",
-        "object": "response",
-        "created_at": 1_700_000_000,
-        "status": "completed",
-        "model": model,
-        "output": [
-            {
-                "type": "message",
-                "id": "msg_fake_1",
-                "status": "completed",
-                "role": "assistant",
-                "content": [{"type": "output_text", "text": text, "annotations": []}],
-            }
-        ],
-        "parallel_tool_calls": True,
-        "tool_choice": "auto",
-        "tools": [],
-        "usage": {
-            "input_tokens": 9,
-            "output_tokens": 6,
-            "total_tokens": 15,
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens_details": {"reasoning_tokens": 0},
-        },
-    }
 
 
 class _Server(ThreadingHTTPServer):
@@ -260,7 +174,7 @@ class FakeOpenAIServer:
                 scripted = server._record(recorded)
                 if scripted is not None and scripted.events is not None:
                     self._send_sse(
-                        iter(scripted.events),
+                        scripted.events,
                         disconnect_after=scripted.disconnect_after,
                         headers=scripted.headers,
                     )
@@ -283,63 +197,29 @@ class FakeOpenAIServer:
                 if path.endswith("/chat/completions"):
                     if payload.get("stream"):
                         opts = payload.get("stream_options") or {}
-                        chunks = _chat_chunks(
-                            model, server.stream_words, bool(opts.get("include_usage"))
-                        )
-                        self._send_sse(chunks)
+                        words = server.stream_words
+                        usage = chat_usage(12, len(words)) if opts.get("include_usage") else None
+                        self._send_sse(chat_chunks(model, words, usage=usage))
                     else:
                         self._send_json(200, chat_completion(model), {})
                 elif path.endswith("/embeddings"):
-                    self._send_json(200, _embeddings(model, payload.get("input")), {})
+                    inputs = payload.get("input")
+                    count = len(inputs) if isinstance(inputs, list) else 1
+                    reply = embeddings(model, [[0.1, 0.2, 0.3]] * count, 5 * count)
+                    self._send_json(200, reply, {})
                 elif path.endswith("/completions"):
-                    self._send_json(200, _completion(model), {})
+                    self._send_json(200, completion(model), {})
                 elif path.endswith("/responses"):
                     if payload.get("stream"):
-                        self._send_sse(self._response_events(model), named=True)
+                        final = response_body(model, "".join(server.stream_words))
+                        events = response_events(final, server.stream_words)
+                        self._send_sse(events, named=True)
                     else:
                         self._send_json(200, response_body(model), {})
                 elif path.endswith("/models"):
                     self._send_json(200, {"object": "list", "data": []}, {})
                 else:
                     self._send_json(404, {"error": {"message": f"no route {path}"}}, {})
-
-            def _response_events(self, model: str) -> Iterator[dict[str, Any]]:
-                text = "".join(server.stream_words)
-                final = response_body(model, text)
-                started = {**final, "status": "in_progress", "output": [], "usage": None}
-                item = {**final["output"][0], "status": "in_progress", "content": []}
-                part = {"type": "output_text", "text": "", "annotations": []}
-                where = {"item_id": "msg_fake_1", "output_index": 0, "content_index": 0}
-                events: list[dict[str, Any]] = [
-                    {"type": "response.created", "response": started},
-                    {"type": "response.output_item.added", "output_index": 0, "item": item},
-                    {"type": "response.content_part.added", **where, "part": part},
-                ]
-                for word in server.stream_words:
-                    events.append(
-                        {
-                            "type": "response.output_text.delta",
-                            **where,
-                            "delta": word,
-                            "logprobs": [],
-                        }
-                    )
-                events += [
-                    {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
-                    {
-                        "type": "response.content_part.done",
-                        **where,
-                        "part": {**part, "text": text},
-                    },
-                    {
-                        "type": "response.output_item.done",
-                        "output_index": 0,
-                        "item": final["output"][0],
-                    },
-                    {"type": "response.completed", "response": final},
-                ]
-                for number, event in enumerate(events):
-                    yield {**event, "sequence_number": number}
 
             def _headers_out(self, extra: Mapping[str, str], *, defaults: bool = True) -> None:
                 merged = {**server.response_headers, **extra} if defaults else extra
@@ -359,7 +239,7 @@ class FakeOpenAIServer:
 
             def _send_sse(
                 self,
-                events: Iterator[dict[str, Any]],
+                events: Iterable[dict[str, Any]],
                 *,
                 named: bool = False,
                 disconnect_after: int | None = None,
@@ -377,14 +257,11 @@ class FakeOpenAIServer:
                             self.close_connection = True
                             self.connection.shutdown(socket.SHUT_RDWR)
                             return
-                        line = f"data: {json.dumps(event)}\n\n"
-                        if named:
-                            line = f"event: {event['type']}\n" + line
-                        self._chunk(line.encode())
+                        self._chunk(sse_event(event, named=named))
                         if server.stream_delay:
                             time.sleep(server.stream_delay)
                     if not named:
-                        self._chunk(b"data: [DONE]\n\n")
+                        self._chunk(SSE_DONE)
                     self.wfile.write(b"0\r\n\r\n")
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client stopped reading: an abandoned stream

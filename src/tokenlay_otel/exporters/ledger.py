@@ -22,8 +22,30 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
 
+from tokenlay_otel._conventions import (
+    CACHED_INPUT_TOKENS,
+    COST,
+    COST_SOURCE,
+    ERROR_TYPE,
+    INPUT_TOKENS,
+    METADATA_PREFIX,
+    OPERATION,
+    OUTPUT_TOKENS,
+    PROVIDER,
+    REQUEST_MODEL,
+    RESPONSE_MODEL,
+    ROUTED,
+    RULE_ACTION,
+    SERVICE_NAME,
+    metadata_attribute,
+)
 from tokenlay_otel._fork import renew_after_fork
-from tokenlay_otel._protocol import MAX_REPORTED_COST_USD, MAX_REPORTED_TOKENS, encodable
+from tokenlay_otel._wire import (
+    MAX_REPORTED_COST_USD,
+    MAX_REPORTED_TOKENS,
+    STANDARD_FIELDS,
+    encodable,
+)
 
 __all__ = ["DEFAULT_LEDGER_PATH", "ENV_LEDGER_PATH", "LedgerSpanExporter", "connect", "row_of"]
 
@@ -33,7 +55,6 @@ _log = logging.getLogger("tokenlay_otel")
 ENV_LEDGER_PATH = "TOKENLAY_LEDGER_PATH"
 DEFAULT_LEDGER_PATH = "tokenlay-ledger.db"
 _SCOPE = "tokenlay_otel"
-_STANDARD = ("user", "org", "plan", "project", "feature")
 
 COLUMNS = (
     "time_unix_nano",
@@ -41,11 +62,7 @@ COLUMNS = (
     "span_id",
     "service",
     "operation",
-    "user",
-    "org",
-    "plan",
-    "project",
-    "feature",
+    *STANDARD_FIELDS,
     "metadata",
     "provider",
     "request_model",
@@ -67,11 +84,7 @@ CREATE TABLE IF NOT EXISTS llm_calls (
     span_id TEXT NOT NULL,
     service TEXT,
     operation TEXT,
-    user TEXT,
-    org TEXT,
-    plan TEXT,
-    project TEXT,
-    feature TEXT,
+{fields}
     metadata TEXT,
     provider TEXT,
     request_model TEXT,
@@ -87,7 +100,7 @@ CREATE TABLE IF NOT EXISTS llm_calls (
     PRIMARY KEY (trace_id, span_id)
 );
 CREATE INDEX IF NOT EXISTS llm_calls_time ON llm_calls (time_unix_nano);
-"""
+""".format(fields="\n".join(f"    {field} TEXT," for field in STANDARD_FIELDS))
 
 
 def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
@@ -145,35 +158,35 @@ def _values_of(span: ReadableSpan) -> dict[str, Any] | None:
     scope = span.instrumentation_scope
     attrs = span.attributes or {}
     ours = scope is not None and scope.name == _SCOPE
-    if "gen_ai.operation.name" not in attrs or not (ours or "tokenlay.routed" in attrs):
+    if OPERATION not in attrs or not (ours or ROUTED in attrs):
         return None
     context = span.get_span_context()
     custom = {
-        key.removeprefix("tokenlay.metadata."): value
+        key.removeprefix(METADATA_PREFIX): value
         for key, value in attrs.items()
-        if key.startswith("tokenlay.metadata.")
+        if key.startswith(METADATA_PREFIX)
     }
-    error = attrs.get("error.type")
+    error = attrs.get(ERROR_TYPE)
     if error is None and span.status.status_code is StatusCode.ERROR:
         error = "error"
     return {
         "time_unix_nano": span.start_time or 0,
         "trace_id": format(context.trace_id, "032x") if context else "",
         "span_id": format(context.span_id, "016x") if context else "",
-        "service": span.resource.attributes.get("service.name"),
-        "operation": attrs.get("gen_ai.operation.name"),
-        **{field: attrs.get(f"tokenlay.{field}") for field in _STANDARD},
+        "service": span.resource.attributes.get(SERVICE_NAME),
+        "operation": attrs.get(OPERATION),
+        **{field: attrs.get(metadata_attribute(field)) for field in STANDARD_FIELDS},
         "metadata": json.dumps(custom, sort_keys=True) if custom else None,
-        "provider": attrs.get("gen_ai.provider.name"),
-        "request_model": attrs.get("gen_ai.request.model"),
-        "response_model": attrs.get("gen_ai.response.model"),
-        "input_tokens": attrs.get("gen_ai.usage.input_tokens"),
-        "output_tokens": attrs.get("gen_ai.usage.output_tokens"),
-        "cached_input_tokens": attrs.get("gen_ai.usage.cache_read.input_tokens"),
-        "cost_usd": attrs.get("tokenlay.cost.usd"),
-        "cost_source": attrs.get("tokenlay.cost.source"),
-        "rule_action": attrs.get("tokenlay.rule.action"),
-        "routed": int(bool(attrs.get("tokenlay.routed"))),
+        "provider": attrs.get(PROVIDER),
+        "request_model": attrs.get(REQUEST_MODEL),
+        "response_model": attrs.get(RESPONSE_MODEL),
+        "input_tokens": attrs.get(INPUT_TOKENS),
+        "output_tokens": attrs.get(OUTPUT_TOKENS),
+        "cached_input_tokens": attrs.get(CACHED_INPUT_TOKENS),
+        "cost_usd": attrs.get(COST),
+        "cost_source": attrs.get(COST_SOURCE),
+        "rule_action": attrs.get(RULE_ACTION),
+        "routed": int(bool(attrs.get(ROUTED))),
         "error_type": error,
     }
 

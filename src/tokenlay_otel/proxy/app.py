@@ -25,8 +25,16 @@ import httpx2
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import SpanKind
 
+from tokenlay_otel._conventions import (
+    DURATION_BUCKETS,
+    HTTP_REQUEST_METHOD,
+    HTTP_STATUS_CODE,
+    PROXY_EXIT,
+    URL_PATH,
+)
 from tokenlay_otel._pricing import PriceBook
-from tokenlay_otel._protocol import PROVIDER_BASE_HEADER, PROVIDER_KEY_HEADER, metadata_from_wire
+from tokenlay_otel._wire import PROVIDER_BASE_HEADER, PROVIDER_KEY_HEADER, metadata_from_wire
+from tokenlay_otel._wire import metered_endpoint as endpoint_of
 
 from .call import Call
 from .connect import upstream_transport
@@ -41,7 +49,6 @@ from .store import UsageStore
 __all__ = ["ProxyConfig", "create_app"]
 
 _log = logging.getLogger("tokenlay_otel.proxy")
-ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
 _METHODS = frozenset({"GET", "POST", "DELETE"})
 # A path segment as providers use them (ids, "ft:model:org"); no dot segments.
 _SEGMENT = re.compile(r"[A-Za-z0-9_.~:@!$'()*+,;=-]+")
@@ -51,7 +58,6 @@ _FORWARDED = frozenset({b"openai-beta", b"openai-organization", b"openai-project
 _VISIBLE = re.compile(rb"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 _MAX_MODEL = 256
 _BASES_KEPT = 1024
-_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 
 
 @dataclass
@@ -128,7 +134,7 @@ class Gateway:
             "tokenlay.proxy.upstream.duration",
             unit="s",
             description="Time to the upstream's response headers",
-            explicit_bucket_boundaries_advisory=_BUCKETS,
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
         # Calls go to the transport itself, not through an httpx2.AsyncClient: a client
         # keeps a cookie jar, and would send one caller's provider cookies (a load
@@ -190,19 +196,19 @@ class Gateway:
             f"{scope['method']} {scope['path']}",
             context=propagate.extract(carrier),
             kind=SpanKind.SERVER,
-            attributes={"http.request.method": scope["method"], "url.path": scope["path"]},
+            attributes={HTTP_REQUEST_METHOD: scope["method"], URL_PATH: scope["path"]},
         )
         try:
             incoming = await self._read(scope, headers, receive)
         except ClientGone:
             _log.debug("the client left before its request was read")
-            span.set_attribute("tokenlay.proxy.exit", "client_gone")
+            span.set_attribute(PROXY_EXIT, "client_gone")
             span.end()
             return
         except _Refused as refusal:
             body = error_body(refusal.message, "invalid_request_error", refusal.code)
             await send_json(send, refusal.status, body)
-            span.set_attribute("http.response.status_code", refusal.status)
+            span.set_attribute(HTTP_STATUS_CODE, refusal.status)
             span.end()
             return
         if self._heartbeat is None:  # on the first call: a lifespan may not be served at all
@@ -369,13 +375,7 @@ def metered_endpoint(method: str, base: str, suffix: str) -> str | None:
     The request path alone would not do: a base without ``/v1`` and a path with two
     reach ``/v1/chat/completions`` all the same.
     """
-    if method != "POST":
-        return None
-    path = "/" + (urlsplit(base).path + suffix).strip("/")
-    for endpoint in ENDPOINTS:  # chat/completions before completions
-        if path.endswith("/" + endpoint):
-            return endpoint
-    return None
+    return endpoint_of(method, urlsplit(base).path + suffix)
 
 
 def _disguised(method: str, base: str, suffix: str) -> bool:

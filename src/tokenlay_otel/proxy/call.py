@@ -41,7 +41,22 @@ import httpx2
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from tokenlay_otel._attributes import Usage
+from tokenlay_otel._conventions import (
+    COST,
+    HTTP_STATUS_CODE,
+    INPUT_TOKENS,
+    LIMIT_EXCEEDED,
+    OUTPUT_TOKENS,
+    PROXY_EXIT,
+    PROXY_MODEL,
+    REQUEST_MODEL,
+    RULE_ACTION,
+    RULE_ID,
+    USAGE_SOURCE,
+    metadata_attribute,
+)
+from tokenlay_otel._usage import Usage
+from tokenlay_otel._wire import STANDARD_FIELDS
 
 from .connect import refused_by_policy
 from .estimate import input_tokens, output_cap, text_tokens
@@ -365,12 +380,10 @@ class Call(Responder):
             upstream_span.end()
             raise
         self._watch_client()  # the body is all sent: the channel is free to watch
-        upstream_span.set_attribute("http.response.status_code", upstream.status_code)
+        upstream_span.set_attribute(HTTP_STATUS_CODE, upstream.status_code)
         upstream_span.end()
         status = upstream.status_code
-        self.gw.upstream_duration.record(
-            time.perf_counter() - sent, {"http.response.status_code": status}
-        )
+        self.gw.upstream_duration.record(time.perf_counter() - sent, {HTTP_STATUS_CODE: status})
         try:
             await self._respond(upstream, headers, injected)
         finally:
@@ -528,14 +541,14 @@ class Call(Responder):
             # settlement over-counts, never under-counts.
             _log.error("could not settle a call in the store", exc_info=True)
         span = self.span
-        span.set_attribute("tokenlay.proxy.exit", exit_)
-        span.set_attribute("tokenlay.usage.source", source)
+        span.set_attribute(PROXY_EXIT, exit_)
+        span.set_attribute(USAGE_SOURCE, source)
         if tokens is not None and source in ("upstream", "estimated"):
-            span.set_attribute("gen_ai.usage.input_tokens", input_tokens)
-            span.set_attribute("gen_ai.usage.output_tokens", tokens - input_tokens)
+            span.set_attribute(INPUT_TOKENS, input_tokens)
+            span.set_attribute(OUTPUT_TOKENS, tokens - input_tokens)
             if cost is not None:
-                span.set_attribute("tokenlay.cost.usd", cost)
-        self.gw.settlements.add(1, {"tokenlay.proxy.exit": exit_, "tokenlay.usage.source": source})
+                span.set_attribute(COST, cost)
+        self.gw.settlements.add(1, {PROXY_EXIT: exit_, USAGE_SOURCE: source})
         if source == "estimated":
             _log.warning(
                 "no usage from upstream for a %s call (%s): charged an estimate of %d tokens",
@@ -548,19 +561,19 @@ class Call(Responder):
 
     def _record_decision(self, decision: Decision) -> None:
         span = self.span
-        for name in ("user", "org", "plan", "project", "feature"):
+        for name in STANDARD_FIELDS:
             if name in self.incoming.metadata:
-                span.set_attribute(f"tokenlay.{name}", self.incoming.metadata[name])
-        attrs: dict[str, str | bool] = {"tokenlay.rule.action": decision.action}
+                span.set_attribute(metadata_attribute(name), self.incoming.metadata[name])
+        attrs: dict[str, str | bool] = {RULE_ACTION: decision.action}
         if decision.rule is not None:
-            attrs["tokenlay.rule.id"] = decision.rule.id
+            attrs[RULE_ID] = decision.rule.id
             # With the action, it tells a downgrade (allow past a limit) from an allow.
-            attrs["tokenlay.limit_exceeded"] = decision.limit_exceeded
+            attrs[LIMIT_EXCEEDED] = decision.limit_exceeded
         span.set_attributes(attrs)
         if self.requested:
-            span.set_attribute("gen_ai.request.model", self.requested)
+            span.set_attribute(REQUEST_MODEL, self.requested)
         if decision.model and decision.model != self.requested:
-            span.set_attribute("tokenlay.model", decision.model)
+            span.set_attribute(PROXY_MODEL, decision.model)
         self.gw.decisions.add(1, attrs)
 
     async def _blocked(self, decision: Decision, headers: dict[str, str]) -> None:

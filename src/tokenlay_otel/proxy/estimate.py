@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from tokenlay_otel._attributes import Usage
+from tokenlay_otel._usage import Usage
 
 __all__ = [
     "MAX_CALL_TOKENS",

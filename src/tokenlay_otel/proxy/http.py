@@ -11,11 +11,13 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry.trace import Span
 
-from tokenlay_otel._attributes import Usage
+from tokenlay_otel._conventions import HTTP_STATUS_CODE
+from tokenlay_otel._usage import Usage
+from tokenlay_otel._wire import RuleAction, TokenlayResponseMetadata, response_headers
 
 from .limits import Decision
 
@@ -58,27 +60,28 @@ def error_body(message: str, kind: str, code: str | None = None) -> dict[str, An
 
 
 def decision_headers(decision: Decision, requested_model: str | None) -> dict[str, str]:
-    headers = {"x-tokenlay-rule-action": decision.action}
-    if decision.rule is not None:
-        headers["x-tokenlay-rule-id"] = decision.rule.id
-        headers["x-tokenlay-limit-exceeded"] = "true" if decision.limit_exceeded else "false"
-    if decision.warnings:
-        headers["x-tokenlay-warnings"] = json.dumps(decision.warnings)
-    if decision.model and decision.model != requested_model:
-        headers["x-tokenlay-model"] = decision.model
-    return headers
+    ruled = decision.rule is not None
+    return response_headers(
+        TokenlayResponseMetadata(
+            rule_action=cast(RuleAction, decision.action),
+            rule_id=decision.rule.id if decision.rule is not None else None,
+            limit_exceeded=decision.limit_exceeded if ruled else None,
+            warnings=tuple(decision.warnings) if decision.warnings else None,
+            model=decision.model if decision.model and decision.model != requested_model else None,
+        )
+    )
 
 
 def usage_headers(usage: Usage, cost: float | None, started: float) -> dict[str, str]:
-    headers = {"x-tokenlay-duration": str(int((time.perf_counter() - started) * 1000))}
-    if cost is not None:
-        headers["x-tokenlay-cost"] = f"{cost:.10f}".rstrip("0").rstrip(".") or "0"
-    if usage.input_tokens is not None:
-        headers["x-tokenlay-input-tokens"] = str(usage.input_tokens)
-    if usage.output_tokens is not None:
-        headers["x-tokenlay-output-tokens"] = str(usage.output_tokens)
-    headers["x-tokenlay-tokens-used"] = str((usage.input_tokens or 0) + (usage.output_tokens or 0))
-    return headers
+    return response_headers(
+        TokenlayResponseMetadata(
+            duration_ms=int((time.perf_counter() - started) * 1000),
+            cost=cost,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            tokens_used=(usage.input_tokens or 0) + (usage.output_tokens or 0),
+        )
+    )
 
 
 def valid_cost(value: float | None) -> float | None:
@@ -134,7 +137,7 @@ class Responder:
         await self._body(payload, more=False)
 
     async def _start(self, status: int, content_type: str, headers: dict[str, str]) -> None:
-        self.span.set_attribute("http.response.status_code", status)
+        self.span.set_attribute(HTTP_STATUS_CODE, status)
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         if content_type:
             raw.append((b"content-type", content_type.encode("latin-1")))

@@ -27,6 +27,8 @@ from urllib.parse import unquote
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from tokenlay_otel._conventions import LIMIT_FIELD, LIMIT_TYPE, LIMIT_VALUE, LIMIT_WINDOW, RULE_ID
+
 from .limits import counter_key, rule_mark, shared_limits, window_bounds
 from .rules import Limit, Rule
 from .store import UsageStore
@@ -59,11 +61,11 @@ class LimitPoint:
 
     def attributes(self) -> dict[str, str]:
         return {
-            "tokenlay.rule.id": self.rule_id,
-            "tokenlay.limit.type": self.limit.type,
-            "tokenlay.limit.window": self.limit.window,
-            "tokenlay.limit.field": self.field,
-            "tokenlay.limit.value": self.value,
+            RULE_ID: self.rule_id,
+            LIMIT_TYPE: self.limit.type,
+            LIMIT_WINDOW: self.limit.window,
+            LIMIT_FIELD: self.field,
+            LIMIT_VALUE: self.value,
         }
 
 

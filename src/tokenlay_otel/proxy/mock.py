@@ -16,7 +16,16 @@ from typing import Any
 
 import httpx2
 
-from tokenlay_otel.testing import response_body
+from tokenlay_otel._fake_openai import (
+    SSE_DONE,
+    chat_chunks,
+    chat_completion,
+    chat_usage,
+    completion,
+    embeddings,
+    response_body,
+    sse_event,
+)
 
 __all__ = ["mock_transport"]
 
@@ -55,79 +64,51 @@ def _reply(body: dict[str, Any]) -> str:
     return _REPLIES[int(hashlib.sha256(seed.encode()).hexdigest(), 16) % len(_REPLIES)]
 
 
-def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-        "completion_tokens_details": {"reasoning_tokens": 0},
-    }
-
-
 def _chat(body: dict[str, Any], model: str, cached: int = 0) -> dict[str, Any]:
     text = _reply(body)
-    return {
-        "id": "chatcmpl-mock",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": "fp_mock",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "finish_reason": "stop",
-                "logprobs": None,
-            }
-        ],
-        "usage": _usage(_prompt_tokens(body), _tokens(text), cached),
-    }
+    usage = chat_usage(_prompt_tokens(body), _tokens(text), cached)
+    return chat_completion(
+        model,
+        text,
+        usage=usage,
+        id="chatcmpl-mock",
+        created=int(time.time()),
+        fingerprint="fp_mock",
+    )
 
 
 async def _chat_stream(body: dict[str, Any], model: str) -> AsyncIterator[bytes]:
     words = [w + " " for w in _reply(body).split(" ")]
     words[-1] = words[-1].rstrip()
-    base = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": int(time.time())}
-    base["model"] = model
-    for i, word in enumerate(words):
-        delta = {"role": "assistant", "content": word} if i == 0 else {"content": word}
-        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-        yield f"data: {json.dumps(chunk)}\n\n".encode()
-        await asyncio.sleep(0.005)
-    done = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-    yield f"data: {json.dumps(done)}\n\n".encode()
+    usage = None
     if (body.get("stream_options") or {}).get("include_usage"):
-        usage = _usage(_prompt_tokens(body), _tokens("".join(words)))
-        yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n".encode()
-    yield b"data: [DONE]\n\n"
+        usage = chat_usage(_prompt_tokens(body), _tokens("".join(words)))
+    chunks = chat_chunks(model, words, usage=usage, id="chatcmpl-mock", created=int(time.time()))
+    for i, chunk in enumerate(chunks):
+        yield sse_event(chunk)
+        if i < len(words):  # paced like a model writing, word by word
+            await asyncio.sleep(0.005)
+    yield SSE_DONE
 
 
 def _responses(body: dict[str, Any], model: str) -> dict[str, Any]:
     text = _reply(body)
-    prompt, completion = _prompt_tokens(body), _tokens(text)
-    reply = response_body(model, text)
-    reply["id"], reply["created_at"] = "resp_mock", int(time.time())
-    reply["output"][0]["id"] = "msg_mock"
-    reply["usage"].update(
-        input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion
+    return response_body(
+        model,
+        text,
+        input_tokens=_prompt_tokens(body),
+        output_tokens=_tokens(text),
+        id="resp_mock",
+        message_id="msg_mock",
+        created=int(time.time()),
     )
-    return reply
 
 
 def _embeddings(body: dict[str, Any], model: str) -> dict[str, Any]:
     inputs = body.get("input")
-    items = inputs if isinstance(inputs, list) else [inputs]
-    tokens = _prompt_tokens(body)
-    return {
-        "object": "list",
-        "model": model,
-        "data": [
-            {"object": "embedding", "index": i, "embedding": [0.01 * (i + 1)] * 8}
-            for i in range(len(items))
-        ],
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
+    count = len(inputs) if isinstance(inputs, list) else 1
+    vectors = [[0.01 * (i + 1)] * 8 for i in range(count)]
+    return embeddings(model, vectors, _prompt_tokens(body))
 
 
 def _json(status: int, data: Any) -> httpx2.Response:
@@ -168,22 +149,16 @@ async def _handle(request: httpx2.Request, seen: set[str]) -> httpx2.Response:
     if path.endswith("/embeddings"):
         return _json(200, _embeddings(body, model))
     if path.endswith("/completions"):
-        chat = _chat({"messages": [{"content": body.get("prompt", "")}]}, model)
-        text = chat["choices"][0]["message"]["content"]
-        return _json(
-            200,
-            {
-                "id": "cmpl-mock",
-                "object": "text_completion",
-                "created": chat["created"],
-                "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
-                "usage": {
-                    k: chat["usage"][k]
-                    for k in ("prompt_tokens", "completion_tokens", "total_tokens")
-                },
-            },
-        )
+        as_chat = {"messages": [{"content": body.get("prompt", "")}]}
+        text = _reply(as_chat)
+        prompt, output = _prompt_tokens(as_chat), _tokens(text)
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": output,
+            "total_tokens": prompt + output,
+        }
+        reply = completion(model, text, usage=usage, id="cmpl-mock", created=int(time.time()))
+        return _json(200, reply)
     return _json(
         404, {"error": {"message": f"unknown path {path}", "type": "invalid_request_error"}}
     )

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tokenlay_otel._wire import is_header_text
+
 __all__ = [
     "Limit",
     "OnLimitExceeded",
@@ -46,6 +48,13 @@ _LOGICAL = frozenset({"and", "or", "not"})
 
 class RulesError(ValueError):
     """A rules file that cannot be used; the message names the rule and the field."""
+
+
+# Rule ids and models go back to the caller in x-tokenlay-* response headers.
+_HEADER_TEXT_RULE = (
+    "must be printable ASCII, without leading or trailing spaces and not over-long "
+    "(it is sent back in a response header)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +152,8 @@ def _on_limit(raw: Any, where: str) -> OnLimitExceeded:
         raise RulesError(f"{where}.action: must be one of {', '.join(_ON_LIMIT)}")
     if action == "downgrade" and not isinstance(raw.get("downgrade_to"), str):
         raise RulesError(f"{where}.downgrade_to: required (a model name) for 'downgrade'")
+    if isinstance(raw.get("downgrade_to"), str) and not is_header_text(raw["downgrade_to"]):
+        raise RulesError(f"{where}.downgrade_to: {_HEADER_TEXT_RULE}")
     status = raw.get("http_status")
     if status is not None and (not isinstance(status, int) or not 100 <= status <= 599):
         raise RulesError(f"{where}.http_status: must be an HTTP status code (100-599)")
@@ -169,6 +180,8 @@ def _rule(raw: Any, index: int) -> Rule:
     unknown = set(raw) - {"id", "description", "priority", "if", "then"}
     if unknown:
         raise RulesError(f"{where}: unknown field(s) {sorted(unknown)}")
+    if isinstance(rule_id, str) and not is_header_text(rule_id):
+        raise RulesError(f"{where}.id: {_HEADER_TEXT_RULE}")
     if "if" not in raw or "then" not in raw:
         raise RulesError(f"{where}: needs both 'if' and 'then'")
     _check_condition(raw["if"], f"{where}.if")
@@ -187,6 +200,8 @@ def _rule(raw: Any, index: int) -> Rule:
     model = then.get("model")
     if model is not None and not isinstance(model, str):
         raise RulesError(f"{where}.then.model: must be a string")
+    if model is not None and not is_header_text(model):
+        raise RulesError(f"{where}.then.model: {_HEADER_TEXT_RULE}")
     on_limit = then.get("on_limit_exceeded")
     parsed = tuple(_limit(item, f"{where}.then.limits[{i}]") for i, item in enumerate(limits))
     counted = [(lim.type, lim.window, lim.tracking_key or lim.per) for lim in parsed]

@@ -15,14 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenlay_otel._attributes import Usage, usage_of
+from tokenlay_otel._usage import Usage, usage_of
+from tokenlay_otel._wire import USAGE_OPTION_ENDPOINTS, usage_option_on, with_usage_option
 
 from .estimate import text_bytes, valid_usage
 
 __all__ = ["MAX_EVENT_BYTES", "StreamTap", "body_usage", "with_stream_usage"]
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
-_USAGE_OPTION_ENDPOINTS = ("chat/completions", "completions")
 _FINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _DELTA_TEXT = ("content", "refusal", "reasoning_content", "reasoning")
 # Where an SSE event ends: a blank line, whichever line ending the server uses.
@@ -36,13 +36,11 @@ def with_stream_usage(endpoint: str | None, body: dict[str, Any]) -> tuple[dict[
 
     A caller who turns the usage chunk off must not turn the metering off with it.
     """
-    if body.get("stream") is not True or endpoint not in _USAGE_OPTION_ENDPOINTS:
+    if body.get("stream") is not True or endpoint not in USAGE_OPTION_ENDPOINTS:
         return body, False
-    options = body.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
+    if usage_option_on(body):
         return body, False
-    options = dict(options) if isinstance(options, dict) else {}
-    return {**body, "stream_options": {**options, "include_usage": True}}, True
+    return with_usage_option(body), True
 
 
 def body_usage(data: Any, endpoint: str | None) -> tuple[Usage | None, str | None, int]:
