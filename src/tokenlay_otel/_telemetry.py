@@ -20,7 +20,7 @@ from . import _attributes as A
 from ._coexist import shared_call, their_share
 from ._config import Settings
 from ._content import input_messages, output_messages
-from ._metrics import CallMeasurements, MetricRecorder
+from ._metrics import CallMeasurements, MetricRecorder, SharedMetrics
 from ._pricing import CostSource, PriceBook, load_price_overrides
 from ._protocol import TokenlayResponseMetadata, parse_response_headers
 from ._safety import guard
@@ -33,7 +33,7 @@ _SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 
 @dataclass(frozen=True, slots=True)
 class Telemetry:
-    """What a wrapper needs to record calls: built once per instrumentor or client."""
+    """What a wrapper needs to record calls: the process's one is held by ``_state``."""
 
     tracer: Tracer
     metrics: MetricRecorder
@@ -47,8 +47,10 @@ class Telemetry:
         settings: Settings,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
+        shared: SharedMetrics | None = None,
     ) -> Telemetry:
-        """Build the tracer, instruments and price book.
+        """Build the tracer, instruments and price book; ``shared``: what the process's
+        recorders share (see ``_state``), or nothing shared when not given.
 
         Raises:
             ValueError: the prices file (``TOKENLAY_PRICES_FILE``) is malformed.
@@ -62,6 +64,7 @@ class Telemetry:
             meter_provider,
             metadata_fields=settings.metric_fields,
             value_limit=settings.metric_value_limit,
+            shared=shared,
         )
         return cls(tracer=tracer, metrics=recorder, prices=PriceBook(overrides), settings=settings)
 
