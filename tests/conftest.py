@@ -59,9 +59,9 @@ def _no_secret_is_exported(request: pytest.FixtureRequest, caplog: pytest.LogCap
 def _fresh_process_state() -> None:
     """Warnings said once a minute are said again, and user caps start empty, in each
     test."""
-    from tokenlay_otel import _state, _wrappers
+    from tokenlay_otel import _outage, _state
 
-    _wrappers._said.clear()
+    _outage._said.clear()
     _state._SHARED_METRICS._caps.clear()  # each test is a process of its own for the caps
 
 

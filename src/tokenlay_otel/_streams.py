@@ -12,7 +12,7 @@ import dataclasses
 import json
 import weakref
 from collections.abc import Iterator, Mapping
-from typing import Any, cast
+from typing import Any
 
 import openai
 import wrapt
@@ -42,7 +42,6 @@ class _StreamState:
         "final_response",
         "fingerprint",
         "hide_usage",
-        "meta",
         "model",
         "reasons",
         "response_id",
@@ -53,7 +52,7 @@ class _StreamState:
 
     def __init__(self, call: LLMCall, *, hide_usage: bool) -> None:
         self.call = call
-        self.meta = call.proxy_metadata()
+        call.proxy_metadata()  # read now: another instrumentation's span may end first
         self.hide_usage = hide_usage
         self.usage: A.Usage | None = None
         self.final_response: Any = None
@@ -167,11 +166,11 @@ class _StreamState:
             return  # ended and remembered before (closed twice)
         final = self.final_response
         usage = self.usage if final is None else A.usage_of(getattr(final, "usage", None))
-        remember(result, _with_usage(self.meta, usage))
+        remember(result, _with_usage(self.call.proxy_metadata(), usage))
 
     def _end_call(self, error: BaseException | None) -> None:
         if self.final_response is not None:
-            self.call.end(response=self.final_response, meta=self.meta, error=error)
+            self.call.end(response=self.final_response, error=error)
         else:
             attrs: dict[str, Any] = {}
             if isinstance(self.response_id, str):
@@ -187,9 +186,7 @@ class _StreamState:
             output = None
             if self.texts is not None and (self.texts or self.reasons):
                 output = stream_output_messages(self.texts, self.reasons)
-            self.call.end(
-                response_attrs=attrs, usage=self.usage, meta=self.meta, output=output, error=error
-            )
+            self.call.end(response_attrs=attrs, usage=self.usage, output=output, error=error)
 
 
 _text = A.short_text  # an empty string names nothing; a huge one is not believed
@@ -347,9 +344,8 @@ def _wrap_parsed(call: LLMCall, parsed: Any, hide_usage: bool) -> Any:
         return TracedStream(parsed, _StreamState(call, hide_usage=hide_usage))
     if isinstance(parsed, openai.AsyncStream):
         return TracedAsyncStream(parsed, _StreamState(call, hide_usage=hide_usage))
-    meta = call.proxy_metadata()
-    call.end(response=parsed, meta=meta)
-    remember(parsed, meta)
+    call.end(response=parsed)
+    remember(parsed, call.proxy_metadata())
     return parsed
 
 
@@ -382,7 +378,7 @@ class TracedRawResponse(_RawResponse):
         try:
             self.__wrapped__.close()
         finally:
-            self._self_call.end(meta=self._self_call.proxy_metadata())
+            self._self_call.end()
 
     def __enter__(self) -> TracedRawResponse:
         return self
@@ -399,7 +395,7 @@ class TracedAsyncRawResponse(_RawResponse):
         try:
             await self.__wrapped__.close()
         finally:
-            self._self_call.end(meta=self._self_call.proxy_metadata())
+            self._self_call.end()
 
 
 def _legacy_response_class() -> type | None:
@@ -413,18 +409,29 @@ def _legacy_response_class() -> type | None:
 _LEGACY = _legacy_response_class()
 
 
-def wrap_result(call: LLMCall, result: Any, *, streaming: bool, hide_usage: bool) -> Any:
+def _parsed_once(raw: Any) -> Any:
+    """The body of a read raw response, parsed by its public ``parse()``: openai keeps
+    the model, so the caller's own ``parse()`` gets the same object without reading
+    the JSON again. When openai refuses it (a ``post_parser`` or strict validation
+    raising), the caller's ``parse()`` raises it where it belongs; the call is then
+    recorded from the JSON, read by us."""
+    try:
+        return raw.parse()
+    except Exception:
+        return json.loads(raw.http_response.content)
+
+
+def wrap_result(call: LLMCall, result: Any) -> Any:
     """Finish ``call`` now, or hand the result to a proxy that finishes it later."""
+    hide_usage = call.hide_usage
     if isinstance(result, openai.Stream | openai.AsyncStream):
         return _wrap_parsed(call, result, hide_usage)
     if _LEGACY is not None and isinstance(result, _LEGACY):
-        if streaming:
+        if call.streaming:
             return TracedRawResponse(result, call, hide_usage)
         # with_raw_response has already read the body: record it now.
-        meta = call.proxy_metadata()
-        body = json.loads(cast(Any, result).http_response.content)
-        call.end(response=body, meta=meta)
-        remember(result, meta)
+        call.end(response=_parsed_once(result))
+        remember(result, call.proxy_metadata())
         return result
     if isinstance(result, openai.AsyncAPIResponse):
         return TracedAsyncRawResponse(result, call, hide_usage)

@@ -2,30 +2,30 @@
 
 ``request_sync``/``request_async`` wrap the client's ``request`` method, which every
 endpoint (chat, completions, embeddings, responses; raw, streaming, ``.parse``) goes
-through. They differ only by ``await``; everything else is in :class:`_Call`.
+through. They differ only by ``await``; each request is one ``_telemetry.Call``,
+which the ``_process_response`` tap hands its HTTP response through ``_ACTIVE``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, cast
 
 from openai import APIConnectionError, NotGiven, Omit
 
-from ._attributes import PROVIDER, PROXY_URL, Endpoint, endpoint_for
+from ._attributes import PROVIDER, Endpoint, endpoint_for
 from ._config import ENV_ALLOW_HTTP_HOSTS, Route
 from ._context import current_metadata
+from ._outage import bypass, name_the_proxy
 from ._protocol import (
     HEADER_PREFIX,
     build_request_headers,
     check_url_security,
     display_url,
     normalize_field_name,
-    parse_response_headers,
     proxy_url,
     sanitize_metadata,
     split_caller_headers,
@@ -35,92 +35,15 @@ from ._responses import remember
 from ._routing import TokenlayRouteError, Unroutable, routes
 from ._safety import internal_error, log
 from ._streams import wrap_result
-from ._telemetry import LLMCall, Telemetry
+from ._telemetry import Call, LLMCall, Telemetry
 from ._usage_option import api_version_of, usage_option_accepted
 
 __all__ = ["note_http_response", "request_async", "request_sync"]
 
-_ACTIVE: ContextVar[_Request | None] = ContextVar("tokenlay_request", default=None)
+_ACTIVE: ContextVar[Call | None] = ContextVar("tokenlay_request", default=None)
 _ABSOLUTE = ("http://", "https://")
 # Bad metadata on the auto-instrumented path is dropped with one warning per problem.
 _warned: set[str] = set()
-
-
-class _Request:
-    """State of one ``request`` call, visible to the ``_process_response`` tap."""
-
-    __slots__ = ("fallback", "hide_usage", "http_response", "llm", "proxy", "streaming")
-
-    def __init__(self, llm: LLMCall | None, *, streaming: bool, hide_usage: bool) -> None:
-        self.llm = llm
-        self.streaming = streaming
-        self.hide_usage = hide_usage
-        self.http_response: Any = None
-        #: The Tokenlay base URL the call was sent to, when routed.
-        self.proxy: str | None = None
-        #: The caller's own (args, kwargs), when fail-open may send the call direct.
-        self.fallback: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-
-    def bypass(self, exc: BaseException) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        """The call as the caller made it, if the proxy was never reached and fail-open
-        is on.
-
-        Only a failure to connect qualifies. A proxy that took the request and then
-        timed out may have forwarded it: sending it again would bill it twice, once
-        past spend control. An HTTP answer from the proxy (a block, a 5xx) never does.
-        """
-        if self.fallback is None or not _never_reached(exc):
-            return None
-        _say_once_a_minute(
-            f"the Tokenlay proxy at {display_url(self.proxy)} could not be reached "
-            f"({_cause(exc)}); fail-open sends calls straight to the provider"
-        )
-        self.hide_usage = False  # the caller's options go as they were
-        self.http_response = None
-        if self.llm is not None:
-            self.llm.bypassed = True
-        return self.fallback
-
-    def detach(self) -> None:
-        if self.llm is not None:
-            try:
-                self.llm.detach()
-            except Exception:
-                internal_error("detaching the span context")
-
-    def failed(self, exc: BaseException) -> None:
-        if self.proxy is not None and isinstance(exc, APIConnectionError):
-            # openai says only "Connection error.": name the proxy and what went wrong.
-            shown = display_url(self.proxy)
-            what = "could not be reached" if _never_reached(exc) else "did not answer"
-            _say_once_a_minute(
-                f"the Tokenlay proxy at {shown} {what} ({_cause(exc)}); calls fail. "
-                "Check TOKENLAY_BASE_URL and that the proxy is up"
-            )
-            if self.llm is not None and self.llm.span is not None:
-                try:
-                    self.llm.span.set_attribute(PROXY_URL, shown)
-                except Exception:
-                    internal_error("naming the proxy on the span")
-        if self.llm is not None:
-            self.llm.fail(exc)
-
-    def finished(self, result: Any) -> Any:
-        try:
-            if self.llm is None:
-                headers = getattr(self.http_response, "headers", None)
-                if headers is not None:
-                    remember(result, parse_response_headers(headers))
-                return result
-            self.llm.http_response = self.http_response
-            return wrap_result(
-                self.llm, result, streaming=self.streaming, hide_usage=self.hide_usage
-            )
-        except Exception:
-            internal_error("recording the response")
-        if self.llm is not None:  # our failure: end the span, return the call's result as is
-            self.llm.end()
-        return result
 
 
 def _omitted(fields: dict[str, object]) -> tuple[dict[str, object], frozenset[str]]:
@@ -135,30 +58,6 @@ def _omitted(fields: dict[str, object]) -> tuple[dict[str, object], frozenset[st
         return fields, frozenset()
     kept = {k: v for k, v in fields.items() if not isinstance(v, Omit | NotGiven)}
     return kept, frozenset(names)
-
-
-# httpx's (and httpx2's) errors for a connection that was never made.
-_CONNECT_FAILURES = frozenset({"ConnectError", "ConnectTimeout"})
-_said: dict[str, float] = {}
-
-
-def _cause(exc: BaseException) -> str:
-    return type(exc.__cause__ or exc).__name__
-
-
-def _never_reached(exc: BaseException) -> bool:
-    """Whether openai's connection error means the request never left this process."""
-    return isinstance(exc, APIConnectionError) and _cause(exc) in _CONNECT_FAILURES
-
-
-def _say_once_a_minute(message: str) -> None:
-    # An outage fails every call: one line a minute says it, thousands would bury it.
-    now = time.monotonic()
-    if now - _said.get(message, -60.0) >= 60.0:
-        if len(_said) > 256:
-            _said.clear()
-        _said[message] = now
-        log.warning("tokenlay_otel: %s", message)
 
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, bool]:
@@ -303,7 +202,7 @@ def _start(
     per_request: Mapping[str, str],
     caller_rest: Mapping[str, object],
     omitted: frozenset[str],
-) -> tuple[Any, _Request]:
+) -> tuple[Any, Call]:
     client_base, client_fields = _client_facts(client)
     url = options.url
     provider_base = (route.provider_base if route else None) or client_base
@@ -328,7 +227,9 @@ def _start(
     hide_usage = _wants_usage_chunk(
         endpoint, body, routed=routed, provider=provider, client=client, params=options.params
     )
-    request = _Request(llm, streaming=body.get("stream") is True, hide_usage=hide_usage)
+    call = llm if llm is not None else Call()
+    call.streaming = body.get("stream") is True
+    call.hide_usage = hide_usage
     try:
         update: dict[str, Any] = {}
         if hide_usage:
@@ -347,12 +248,11 @@ def _start(
                     internal_error("propagating the trace context")
             update["url"] = proxy_url(route.tokenlay_base_url, url)
             update["headers"] = headers
-            request.proxy = route.tokenlay_base_url
-        return (options.model_copy(update=update) if update else options), request
+            call.proxy = route.tokenlay_base_url
+        return (options.model_copy(update=update) if update else options), call
     except BaseException:
-        request.detach()
-        if llm is not None:
-            llm.end()
+        _detach(call)
+        call.end()
         raise
 
 
@@ -427,7 +327,7 @@ def _begin(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     unroutable: Unroutable | None,
-) -> tuple[tuple[Any, ...], dict[str, Any], _Request | None]:
+) -> tuple[tuple[Any, ...], dict[str, Any], Call | None]:
     options, in_kwargs = _bind(args, kwargs)
     if unroutable is not None:
         unroutable.refuse(options.method, options.url)
@@ -446,12 +346,12 @@ def _begin(
         try:
             if per_request is None:
                 per_request = _drop_bad(fields)
-            new_options, request = _start(
+            new_options, call = _start(
                 client, route, telemetry, options, per_request, rest, omitted
             )
             if route is not None and route.fail_open and new_options is not options:
-                request.fallback = (args, kwargs)
-            return (*_rebind(args, kwargs, new_options, in_kwargs), request)
+                call.fallback = (args, kwargs)
+            return (*_rebind(args, kwargs, new_options, in_kwargs), call)
         except TokenlayRouteError:
             raise
         except Exception:
@@ -482,25 +382,25 @@ def request_sync(
     """
     if _ACTIVE.get() is not None:  # already handled by an outer layer (drop-in client)
         return wrapped(*args, **kwargs)
-    args, kwargs, request = _begin(client, route, telemetry, args, kwargs, unroutable)
-    if request is None:
+    args, kwargs, call = _begin(client, route, telemetry, args, kwargs, unroutable)
+    if call is None:
         return wrapped(*args, **kwargs)
-    token = _ACTIVE.set(request)
+    token = _ACTIVE.set(call)
     try:
         try:
             result = wrapped(*args, **kwargs)
         except APIConnectionError as exc:
-            direct = request.bypass(exc)
+            direct = bypass(call, exc)
             if direct is None:
                 raise
             result = wrapped(*direct[0], **direct[1])
     except BaseException as exc:
-        request.failed(exc)
+        _failed(call, exc)
         raise
     finally:
         _ACTIVE.reset(token)
-        request.detach()
-    return request.finished(result)
+        _detach(call)
+    return _finished(call, result)
 
 
 async def request_async(
@@ -516,29 +416,55 @@ async def request_async(
     """Async twin of :func:`request_sync`; differs only by ``await``."""
     if _ACTIVE.get() is not None:
         return await wrapped(*args, **kwargs)
-    args, kwargs, request = _begin(client, route, telemetry, args, kwargs, unroutable)
-    if request is None:
+    args, kwargs, call = _begin(client, route, telemetry, args, kwargs, unroutable)
+    if call is None:
         return await wrapped(*args, **kwargs)
-    token = _ACTIVE.set(request)
+    token = _ACTIVE.set(call)
     try:
         try:
             result = await wrapped(*args, **kwargs)
         except APIConnectionError as exc:
-            direct = request.bypass(exc)
+            direct = bypass(call, exc)
             if direct is None:
                 raise
             result = await wrapped(*direct[0], **direct[1])
     except BaseException as exc:
-        request.failed(exc)
+        _failed(call, exc)
         raise
     finally:
         _ACTIVE.reset(token)
-        request.detach()
-    return request.finished(result)
+        _detach(call)
+    return _finished(call, result)
 
 
 def note_http_response(response: object) -> None:
     """Called from ``_process_response``: the HTTP response of the active call."""
-    request = _ACTIVE.get()
-    if request is not None:
-        request.http_response = response
+    call = _ACTIVE.get()
+    if call is not None:
+        call.http_response = response
+
+
+def _detach(call: Call) -> None:
+    try:
+        call.detach()
+    except Exception:
+        internal_error("detaching the span context")
+
+
+def _failed(call: Call, exc: BaseException) -> None:
+    name_the_proxy(call, exc)
+    call.fail(exc)
+
+
+def _finished(call: Call, result: Any) -> Any:
+    """The call's result as the caller gets it: a traced call ends now, or when the
+    stream or raw response it returned is done."""
+    try:
+        if isinstance(call, LLMCall) and not call.ended:
+            return wrap_result(call, result)
+        remember(result, call.proxy_metadata())  # not traced: the proxy's answer is kept
+        return result
+    except Exception:
+        internal_error("recording the response")
+    call.end()  # our failure: end the span, return the call's result as is
+    return result
