@@ -8,32 +8,28 @@ which the ``_process_response`` tap hands its HTTP response through ``_ACTIVE``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from typing import Any, cast
+from typing import Any
 
-from openai import APIConnectionError, NotGiven, Omit
+from openai import APIConnectionError
 
 from ._attributes import PROVIDER, Endpoint, endpoint_for
 from ._config import ENV_ALLOW_HTTP_HOSTS, Route
-from ._context import current_metadata
 from ._outage import bypass, name_the_proxy
+from ._outgoing import client_facts, drop_bad, metadata_for, routed_headers, take_omitted
 from ._protocol import (
-    HEADER_PREFIX,
-    build_request_headers,
     check_url_security,
     display_url,
-    normalize_field_name,
     proxy_url,
-    sanitize_metadata,
     split_caller_headers,
     validate_metadata,
 )
 from ._responses import remember
 from ._routing import TokenlayRouteError, Unroutable, routes
-from ._safety import internal_error, log
+from ._safety import internal_error, log, say_once
 from ._streams import wrap_result
 from ._telemetry import Call, LLMCall, Telemetry
 from ._usage_option import api_version_of, usage_option_accepted
@@ -42,22 +38,6 @@ __all__ = ["note_http_response", "request_async", "request_sync"]
 
 _ACTIVE: ContextVar[Call | None] = ContextVar("tokenlay_request", default=None)
 _ABSOLUTE = ("http://", "https://")
-# Bad metadata on the auto-instrumented path is dropped with one warning per problem.
-_warned: set[str] = set()
-
-
-def _omitted(fields: dict[str, object]) -> tuple[dict[str, object], frozenset[str]]:
-    """The fields with a value, and those the caller took away with ``Omit()`` (or
-    ``NOT_GIVEN``), by canonical name."""
-    names = set()
-    for name, value in fields.items():
-        if isinstance(value, Omit | NotGiven):
-            with contextlib.suppress(ValueError):  # not a field name: nothing to take away
-                names.add(normalize_field_name(name))
-    if not names:
-        return fields, frozenset()
-    kept = {k: v for k, v in fields.items() if not isinstance(v, Omit | NotGiven)}
-    return kept, frozenset(names)
 
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, bool]:
@@ -73,97 +53,6 @@ def _rebind(
     if in_kwargs:
         return args, {**kwargs, "options": options}
     return (args[0], options, *args[2:]), kwargs
-
-
-def _drop_bad(fields: Mapping[str, object]) -> dict[str, str]:
-    valid, problems = sanitize_metadata(fields)
-    for problem in problems:
-        if problem not in _warned:
-            _warned.add(problem)
-            log.warning("tokenlay_otel: dropped a metadata field: %s", problem)
-    return valid
-
-
-# id(client) -> (its base URL object, its default-headers dict, what we derive from them).
-# The derived values depend only on those two objects, which the entry keeps alive, so a
-# new client that reuses an id is told apart by them. Bounded: cleared when full.
-_CLIENT_FACTS: dict[int, tuple[object, object, str, dict[str, str]]] = {}
-_CLIENT_FACTS_LIMIT = 256
-
-
-def _client_facts(client: Any) -> tuple[str, dict[str, str]]:
-    """A client's base URL as text and the valid ``x-tokenlay-*`` fields of its default
-    headers; computed once per client (both are fixed when the client is built)."""
-    url = getattr(client, "_base_url", None)
-    custom = getattr(client, "_custom_headers", None)
-    entry = _CLIENT_FACTS.get(id(client))
-    if entry is not None and entry[0] is url and entry[1] is custom:
-        return entry[2], entry[3]
-    base = str(client.base_url).rstrip("/")
-    fields, _ = split_caller_headers(custom or {}, bare_fields=False)
-    valid = _drop_bad(fields) if fields else {}
-    if len(_CLIENT_FACTS) >= _CLIENT_FACTS_LIMIT:
-        _CLIENT_FACTS.clear()
-    _CLIENT_FACTS[id(client)] = (url, custom, base, valid)
-    return base, valid
-
-
-def _routed_headers(
-    client: Any,
-    route: Route,
-    caller_rest: Mapping[str, object],
-    metadata: Mapping[str, str],
-    provider_base: str,
-) -> dict[str, object]:
-    provider_key = route.provider_key if route.provider_key is not None else client.api_key
-    ours = build_request_headers(
-        tokenlay_key=route.tokenlay_key,
-        provider_key=provider_key,
-        provider_base=provider_base,
-        metadata=metadata,
-    )
-    lowered_ours = {name.lower(): name for name in ours}
-    headers: dict[str, object] = {}
-    # openai 1.x merges default and per-request headers case-sensitively: omit any other
-    # spelling the client's defaults use, or both would be sent.
-    for name in getattr(client, "_custom_headers", None) or {}:
-        lowered = name.lower()
-        if (lowered.startswith(HEADER_PREFIX) or lowered in lowered_ours) and (
-            lowered_ours.get(lowered) != name
-        ):
-            headers[name] = Omit()
-    for name, value in caller_rest.items():
-        # The caller's own spelling of a header we set (authorization, the provider
-        # key or base) is replaced by ours, never sent beside it.
-        if not (isinstance(name, str) and _ours(name, lowered_ours)):
-            headers[name] = value
-    headers.update(ours)
-    return headers
-
-
-def _ours(name: str, lowered_ours: Mapping[str, str]) -> bool:
-    lowered = name.lower()
-    return lowered in lowered_ours or lowered.startswith(HEADER_PREFIX)
-
-
-def _metadata_for(
-    client_fields: Mapping[str, str], route: Route | None, per_request: Mapping[str, str]
-) -> Mapping[str, str]:
-    """Attribution of a call, lowest precedence first (all inputs already valid)."""
-    scoped = current_metadata()
-    if route is None and not client_fields and not per_request and None not in scoped.values():
-        return cast(Mapping[str, str], scoped)  # the common case: no None left; read-only
-    metadata: dict[str, str] = {}
-    if route is not None:
-        metadata.update(route.metadata)
-    metadata.update(client_fields)
-    for field, value in scoped.items():
-        if value is None:
-            metadata.pop(field, None)
-        else:
-            metadata[field] = value
-    metadata.update(per_request)
-    return metadata
 
 
 def _wants_usage_chunk(
@@ -203,7 +92,7 @@ def _start(
     caller_rest: Mapping[str, object],
     omitted: frozenset[str],
 ) -> tuple[Any, Call]:
-    client_base, client_fields = _client_facts(client)
+    client_base, client_fields = client_facts(client)
     url = options.url
     provider_base = (route.provider_base if route else None) or client_base
     routed = False
@@ -215,7 +104,7 @@ def _start(
             Unroutable(refusal, route.endpoints).refuse(options.method, url)
     else:
         route = None  # out of scope: sent as the caller made it, with nothing of ours
-    metadata = _metadata_for(client_fields, route, per_request)
+    metadata = metadata_for(client_fields, route, per_request)
     if omitted:  # the caller's Omit() takes a field away for this call, as for a header
         metadata = {k: v for k, v in metadata.items() if k not in omitted}
     json_data = options.json_data
@@ -240,7 +129,7 @@ def _start(
                 "stream_options": {**stream_options, "include_usage": True},
             }
         if routed and route is not None:
-            headers = _routed_headers(client, route, caller_rest, metadata, provider_base)
+            headers = routed_headers(client, route, caller_rest, metadata, provider_base)
             if llm is not None:
                 try:
                     headers.update(llm.trace_headers())
@@ -267,9 +156,7 @@ def _refusal(route: Route, url: str, provider_base: str) -> str | None:
         reason = _provider_base_refusal(provider_base, route.allow_http_hosts)
         if reason is None:
             return None
-    if reason not in _warned:
-        _warned.add(reason)
-        log.error("tokenlay_otel: %s; such calls go to the provider directly", reason)
+    say_once(logging.ERROR, "%s; such calls go to the provider directly", reason)
     return reason
 
 
@@ -339,13 +226,13 @@ def _begin(
         internal_error("reading the caller's headers")
     if split is not None:
         fields, rest = split
-        fields, omitted = _omitted(fields)
+        fields, omitted = take_omitted(fields)
         # Caller input on a drop-in client: a bad value is the caller's error to see,
         # raised before anything is sent. Elsewhere bad fields are dropped (logged).
         per_request = validate_metadata(fields) if route is not None and route.strict else None
         try:
             if per_request is None:
-                per_request = _drop_bad(fields)
+                per_request = drop_bad(fields)
             new_options, call = _start(
                 client, route, telemetry, options, per_request, rest, omitted
             )
