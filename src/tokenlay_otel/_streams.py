@@ -1,4 +1,5 @@
-"""Stream and raw-response proxies that end the call's span exactly once.
+"""Stream proxies that end the call's span exactly once (``_results`` hands them the
+streams).
 
 A stream ends when it is exhausted, fails, is closed (``close()``, ``with`` exit) or is
 garbage collected after being abandoned (``break``, an exception in the caller's loop,
@@ -9,7 +10,6 @@ not defined here is forwarded to the wrapped object.
 from __future__ import annotations
 
 import dataclasses
-import json
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -24,7 +24,7 @@ from ._responses import remember
 from ._safety import guard, internal_error
 from ._telemetry import LLMCall
 
-__all__ = ["wrap_result"]
+__all__ = ["TracedAsyncStream", "TracedStream", "traced_stream"]
 
 _CHUNK_FIELDS = ("type", "response", "id", "model", "system_fingerprint", "service_tier",
                  "choices", "usage")  # fmt: skip
@@ -339,102 +339,10 @@ class TracedAsyncStream(wrapt.ObjectProxy):  # type: ignore[type-arg,misc]
         await self.close()
 
 
-def _wrap_parsed(call: LLMCall, parsed: Any, hide_usage: bool) -> Any:
-    if isinstance(parsed, openai.Stream):
-        return TracedStream(parsed, _StreamState(call, hide_usage=hide_usage))
-    if isinstance(parsed, openai.AsyncStream):
-        return TracedAsyncStream(parsed, _StreamState(call, hide_usage=hide_usage))
-    call.end(response=parsed)
-    remember(parsed, call.proxy_metadata())
-    return parsed
-
-
-class _RawResponse(wrapt.ObjectProxy):  # type: ignore[type-arg,misc]
-    """A raw response whose body is read later: the span ends at ``parse()``/``close()``."""
-
-    def __init__(self, wrapped: Any, call: LLMCall, hide_usage: bool) -> None:
-        super().__init__(wrapped)
-        self._self_call = call
-        self._self_hide = hide_usage
-        self._self_parsed: dict[int, Any] = {}
-        weakref.finalize(self, call.end)
-
-    def _self_wrap(self, parsed: Any) -> Any:
-        # parse() caches its result, so return the same proxy for the same object.
-        key = id(parsed)
-        if key not in self._self_parsed:
-            wrapped = parsed
-            with guard("wrapping a parsed raw response"):
-                wrapped = _wrap_parsed(self._self_call, parsed, self._self_hide)
-            self._self_parsed[key] = wrapped
-        return self._self_parsed[key]
-
-
-class TracedRawResponse(_RawResponse):
-    def parse(self, *args: Any, **kwargs: Any) -> Any:
-        return self._self_wrap(self.__wrapped__.parse(*args, **kwargs))
-
-    def close(self) -> None:
-        try:
-            self.__wrapped__.close()
-        finally:
-            self._self_call.end()
-
-    def __enter__(self) -> TracedRawResponse:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class TracedAsyncRawResponse(_RawResponse):
-    async def parse(self, *args: Any, **kwargs: Any) -> Any:
-        return self._self_wrap(await self.__wrapped__.parse(*args, **kwargs))
-
-    async def close(self) -> None:
-        try:
-            await self.__wrapped__.close()
-        finally:
-            self._self_call.end()
-
-
-def _legacy_response_class() -> type | None:
-    try:
-        from openai._legacy_response import LegacyAPIResponse
-    except ImportError:  # pragma: no cover - present in every supported openai
-        return None
-    return LegacyAPIResponse
-
-
-_LEGACY = _legacy_response_class()
-
-
-def _parsed_once(raw: Any) -> Any:
-    """The body of a read raw response, parsed by its public ``parse()``: openai keeps
-    the model, so the caller's own ``parse()`` gets the same object without reading
-    the JSON again. When openai refuses it (a ``post_parser`` or strict validation
-    raising), the caller's ``parse()`` raises it where it belongs; the call is then
-    recorded from the JSON, read by us."""
-    try:
-        return raw.parse()
-    except Exception:
-        return json.loads(raw.http_response.content)
-
-
-def wrap_result(call: LLMCall, result: Any) -> Any:
-    """Finish ``call`` now, or hand the result to a proxy that finishes it later."""
-    hide_usage = call.hide_usage
-    if isinstance(result, openai.Stream | openai.AsyncStream):
-        return _wrap_parsed(call, result, hide_usage)
-    if _LEGACY is not None and isinstance(result, _LEGACY):
-        if call.streaming:
-            return TracedRawResponse(result, call, hide_usage)
-        # with_raw_response has already read the body: record it now.
-        call.end(response=_parsed_once(result))
-        remember(result, call.proxy_metadata())
-        return result
-    if isinstance(result, openai.AsyncAPIResponse):
-        return TracedAsyncRawResponse(result, call, hide_usage)
-    if isinstance(result, openai.APIResponse):
-        return TracedRawResponse(result, call, hide_usage)
-    return _wrap_parsed(call, result, hide_usage)
+def traced_stream(call: LLMCall, stream: Any, *, hide_usage: bool) -> Any:
+    """``stream`` (an ``openai.Stream`` or ``AsyncStream``) behind a proxy that ends
+    ``call`` with what the chunks said, hiding our usage chunk if ``hide_usage``."""
+    state = _StreamState(call, hide_usage=hide_usage)
+    if isinstance(stream, openai.AsyncStream):
+        return TracedAsyncStream(stream, state)
+    return TracedStream(stream, state)

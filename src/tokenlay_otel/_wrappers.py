@@ -28,9 +28,9 @@ from ._protocol import (
     validate_metadata,
 )
 from ._responses import remember
+from ._results import wrap_result
 from ._routing import TokenlayRouteError, Unroutable, routes
 from ._safety import internal_error, log, say_once
-from ._streams import wrap_result
 from ._telemetry import Call, LLMCall, Telemetry
 from ._usage_option import api_version_of, usage_option_accepted
 
