@@ -72,7 +72,7 @@ from typing import Any, cast
 
 from proxy_load import redis_server, rules_file  # this directory is on sys.path
 
-from tokenlay_otel._protocol import build_request_headers
+from tokenlay_otel._wire import build_request_headers
 from tokenlay_otel.proxy.local import free_port
 
 USERS = 50

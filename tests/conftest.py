@@ -64,10 +64,10 @@ def _no_secret_is_exported(request: pytest.FixtureRequest, caplog: pytest.LogCap
 def _fresh_process_state() -> None:
     """Warnings said once a minute are said again, and user caps start empty, in each
     test."""
-    from tokenlay_otel import _metrics, _wrappers
+    from tokenlay_otel import _outage, _state
 
-    _wrappers._said.clear()
-    _metrics._caps.clear()  # each test is a process of its own for the user caps
+    _outage._said.clear()
+    _state._SHARED_METRICS._caps.clear()  # each test is a process of its own for the caps
 
 
 @pytest.fixture

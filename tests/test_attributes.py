@@ -26,7 +26,7 @@ from tokenlay_otel._attributes import (
     usage_attributes,
     usage_of,
 )
-from tokenlay_otel._protocol import TokenlayResponseMetadata
+from tokenlay_otel._wire import TokenlayResponseMetadata
 
 from .inprocess import httpx
 

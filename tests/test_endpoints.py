@@ -105,6 +105,44 @@ def test_with_raw_response(client: openai.OpenAI, telemetry: SpanCapture) -> Non
     assert spans[1].attributes["gen_ai.usage.output_tokens"] == 5
 
 
+def test_a_raw_response_body_is_read_once(
+    client: openai.OpenAI, telemetry: SpanCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # We read the body for the span and openai read it again for parse(): now the span
+    # is recorded from openai's parse(), whose model the caller's parse() gets back.
+    import json
+
+    reads = []
+    loads = json.loads
+
+    def counting_loads(text: str | bytes, **kwargs: object) -> object:
+        value = loads(text, **kwargs)
+        if isinstance(value, dict) and value.get("object") == "chat.completion":
+            reads.append(value)
+        return value
+
+    monkeypatch.setattr(json, "loads", counting_loads)
+    raw = client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+    assert raw.parse().usage.total_tokens == 19
+    assert raw.parse() is raw.parse()
+    assert len(reads) == 1
+    assert telemetry.only_span().attributes["gen_ai.usage.output_tokens"] == 7
+
+
+def test_a_dropped_raw_stream_still_records_what_the_proxy_said(
+    client: openai.OpenAI, telemetry: SpanCapture
+) -> None:
+    import gc
+
+    raw = client.chat.completions.with_raw_response.create(
+        model="m", messages=MESSAGES, stream=True
+    )
+    raw.http_response.close()
+    del raw  # never parsed nor closed: the span ends when it is collected
+    gc.collect()
+    assert telemetry.only_span().attributes["tokenlay.rule.action"] == "allow"
+
+
 def test_with_streaming_response(client: openai.OpenAI, telemetry: SpanCapture) -> None:
     with client.chat.completions.with_streaming_response.create(model="m", messages=MESSAGES) as r:
         assert r.parse().choices[0].message.content

@@ -422,11 +422,13 @@ def test_requests_through_a_proxy_meter_reach_the_sdk_set_later() -> None:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    from tokenlay_otel._metrics import MetricRecorder
+    from tokenlay_otel._metrics import MetricRecorder, SharedMetrics
 
     proxy = _ProxyMeterProvider()
+    shared = SharedMetrics()  # the process's, as _state holds it
     first, second = (
-        MetricRecorder.create(proxy, metadata_fields=("user",), value_limit=10) for _ in "12"
+        MetricRecorder.create(proxy, metadata_fields=("user",), value_limit=10, shared=shared)
+        for _ in "12"
     )
     reader = InMemoryMetricReader()
     proxy.on_set_meter_provider(MeterProvider(metric_readers=[reader]))
@@ -445,3 +447,50 @@ def _measurements(user: str):  # type: ignore[no-untyped-def]
         cached_input_tokens=None, time_to_first_chunk_s=None, cost=None,
         cost_source="unknown", rule_action=None, routed=False,
     )  # fmt: skip
+
+
+def _requests_point_after(sdk_first: bool) -> object:
+    """One call counted in ``tokenlay.client.requests`` inside a sampled span, with
+    the SDK set before the recorder is built or after (through the API's proxy)."""
+    from opentelemetry import trace
+    from opentelemetry.metrics._internal import _ProxyMeterProvider
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from tokenlay_otel._metrics import MetricRecorder
+
+    reader = InMemoryMetricReader()
+    sdk = MeterProvider(metric_readers=[reader])
+    proxy = _ProxyMeterProvider()
+    if sdk_first:
+        proxy.on_set_meter_provider(sdk)
+    recorder = MetricRecorder.create(proxy, metadata_fields=("user",), value_limit=10)
+    if not sdk_first:
+        proxy.on_set_meter_provider(sdk)
+    span = TracerProvider().get_tracer("t").start_span("call")
+    recorder.record(_measurements("u1"), trace.set_span_in_context(span))
+    span.end()
+    (point,) = points_of(reader, "tokenlay.client.requests")
+    return point
+
+
+def points_of(reader: object, name: str) -> list:
+    data = reader.get_metrics_data()  # type: ignore[attr-defined]
+    return [
+        point
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+        if metric.name == name
+        for point in metric.data.data_points
+    ]
+
+
+def test_the_requests_counter_does_not_depend_on_setup_order() -> None:
+    # It was a synchronous counter (with exemplars) when the SDK came after us and an
+    # observable one (without) when it came first.
+    before, after = (_requests_point_after(sdk_first) for sdk_first in (True, False))
+    assert (before.value, after.value) == (1, 1)
+    assert dict(before.attributes) == dict(after.attributes)
+    assert before.exemplars == after.exemplars == []

@@ -7,7 +7,7 @@ import logging
 import openai
 import pytest
 
-from tokenlay_otel import _attributes, _streams, _telemetry, _wrappers, metadata
+from tokenlay_otel import _attributes, _outgoing, _streams, _telemetry, _wrappers, metadata
 from tokenlay_otel._wire import request as wire_request
 from tokenlay_otel.testing import FakeOpenAIServer, Reply
 
@@ -26,9 +26,9 @@ HOOKS = [
     (_telemetry.A, "usage_of"),  # usage extraction, non-stream
     (_streams.A, "usage_of"),  # stream accounting
     (_telemetry, "parse_response_headers"),  # proxy header parsing
-    (_wrappers, "build_request_headers"),  # routing header building
+    (_outgoing, "build_request_headers"),  # routing header building
     (_wrappers, "split_caller_headers"),  # caller header split
-    (_wrappers, "current_metadata"),  # attribution
+    (_outgoing, "current_metadata"),  # attribution
     (_streams, "stream_output_messages"),
     (_telemetry.LLMCall, "trace_headers"),
     (_streams._StreamState, "on_end"),

@@ -12,7 +12,7 @@ import pytest
 
 from tokenlay_otel._attributes import Usage
 from tokenlay_otel._pricing import ModelRates, PriceBook, load_price_overrides
-from tokenlay_otel._protocol import MAX_REPORTED_COST_USD
+from tokenlay_otel._wire import MAX_REPORTED_COST_USD
 
 GEMINI = "https://generativelanguage.googleapis.com/v1beta/openai/"
 

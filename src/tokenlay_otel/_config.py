@@ -1,6 +1,11 @@
 """Settings, read once from arguments and environment variables.
 
 Explicit arguments beat environment variables. Keys are kept out of every ``repr``.
+
+Longer than most modules (~410 lines) on purpose: each variable's name, its
+documentation and its parser sit together here, and both readers (``Settings`` for
+``instrument()``, ``client_route`` for the drop-in clients) use the same ones; split,
+a variable's rules would live in two files.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -45,8 +45,8 @@ __all__ = [
     "CallMeasurements",
     "MetricRecorder",
     "RequestCounts",
+    "SharedMetrics",
     "ValueCap",
-    "process_cap",
 ]
 
 #: The GenAI convention histograms; another openai instrumentation records them too.
@@ -83,18 +83,6 @@ class ValueCap:
 
 #: Distinct response models per process on metrics before ``_other``.
 _MODEL_LIMIT = 256
-_caps: dict[tuple[str, int], ValueCap] = {}
-_caps_lock = threading.Lock()
-
-
-def process_cap(field: str, limit: int) -> ValueCap:
-    """The process's one cap for a field: every telemetry built in it (each
-    ``instrument()``, the drop-in clients' default) counts the same distinct values."""
-    with _caps_lock:
-        cap = _caps.get((field, limit))
-        if cap is None:
-            cap = _caps[(field, limit)] = ValueCap(limit)
-        return cap
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs ~2 us more to build
@@ -148,10 +136,12 @@ class RequestCounts:
     """``tokenlay.client.requests`` counted here and handed to the SDK at collection.
 
     A synchronous counter costs a full SDK record per call (SDK 1.45 cleans and
-    hashes its 11 attribute values in Python, ~20 us); this costs a locked dict
-    increment. The exported points are the same monotonic sums per attribute set;
-    what is given up is exemplars on this one counter, which no panel reads (cost and
-    duration keep theirs)."""
+    hashes its 11 attribute values in Python): 155 k instructions more per call,
+    16 % of a chat call's overhead and 10 % of a 20-chunk stream's (callgrind, the
+    scenarios of benchmarks/instructions.py); this costs a locked dict increment. The
+    exported points are the same monotonic sums per attribute set, whatever the setup
+    order; what is given up is exemplars on this one counter, which no panel reads
+    (cost and duration keep theirs)."""
 
     __slots__ = ("__weakref__", "_counts", "_lock")
 
@@ -162,9 +152,7 @@ class RequestCounts:
         self._lock = threading.Lock()
         renew_after_fork(self)  # the counts stay, as the SDK's own aggregations do
 
-    def add(self, sets: _AttributeSets, context: Context | None = None) -> None:
-        # ``context`` matches the synchronous counter's signature; it would only have
-        # served exemplars.
+    def add(self, sets: _AttributeSets) -> None:
         key = sets.requests_key
         with self._lock:
             count = self._counts.get(key)
@@ -179,29 +167,46 @@ class RequestCounts:
         return [Observation(count, dict(key)) for key, count in counts]
 
 
-#: One ``RequestCounts`` per SDK instrument: the SDK hands back the instrument it already
-#: has (with its first callback) when we create it again, e.g. after uninstrument().
-_SDK_COUNTS: weakref.WeakKeyDictionary[object, RequestCounts] = weakref.WeakKeyDictionary()
-_SDK_COUNTS_LOCK = threading.Lock()
+class SharedMetrics:
+    """What every recorder of a process shares; ``_state`` holds the process's one.
 
+    One cap per metadata field: every telemetry built in the process (each
+    ``instrument()``, the drop-in clients' default) counts the same distinct values,
+    or three clients would put three times the users on the metrics.
 
-def _request_counter(meter: metrics.Meter) -> Callable[[_AttributeSets, Context | None], None]:
-    """How a call is counted in ``tokenlay.client.requests`` on ``meter``."""
-    if type(meter).__module__.startswith("opentelemetry.sdk."):
-        with _SDK_COUNTS_LOCK:
-            counts = RequestCounts()
-            instrument = meter.create_observable_counter(
-                REQUESTS, [counts.observe], unit=_REQUESTS_UNIT, description=_REQUESTS_DESCRIPTION
-            )
-            return _SDK_COUNTS.setdefault(instrument, counts).add
-    # A proxy meter (no SDK yet) or another implementation: its instruments may be
-    # swapped or merged behind our back, so the plain counter is the safe choice.
-    counter = meter.create_counter(REQUESTS, unit=_REQUESTS_UNIT, description=_REQUESTS_DESCRIPTION)
+    One ``RequestCounts`` per meter provider: a provider hands back the instrument it
+    already has (with its first callback) when ours is created again, after
+    ``uninstrument()`` or through an API proxy meter resolved later; every recorder on
+    it must then count into the one the callback reads. Recorders that follow the
+    global provider share one, whether the SDK was set before or after them.
+    """
 
-    def add(sets: _AttributeSets, context: Context | None = None) -> None:
-        counter.add(1, sets.requests, context=context)
+    __slots__ = ("__weakref__", "_caps", "_counts", "_global_counts", "_lock")
 
-    return add
+    def __init__(self) -> None:
+        self._caps: dict[tuple[str, int], ValueCap] = {}
+        self._counts: weakref.WeakKeyDictionary[object, RequestCounts] = weakref.WeakKeyDictionary()
+        self._global_counts = RequestCounts()
+        self._lock = threading.Lock()
+        renew_after_fork(self)
+
+    def cap(self, field: str, limit: int) -> ValueCap:
+        """The process's one cap for ``field``."""
+        with self._lock:
+            cap = self._caps.get((field, limit))
+            if cap is None:
+                cap = self._caps[(field, limit)] = ValueCap(limit)
+            return cap
+
+    def request_counts(self, provider: metrics.MeterProvider | None) -> RequestCounts:
+        """The one tally of calls recorded through ``provider`` (``None``: the global)."""
+        if provider is None or provider is metrics.get_meter_provider():
+            return self._global_counts
+        with self._lock:
+            counts = self._counts.get(provider)
+            if counts is None:
+                counts = self._counts[provider] = RequestCounts()
+            return counts
 
 
 class MetricRecorder:
@@ -213,13 +218,15 @@ class MetricRecorder:
         *,
         metadata_fields: Sequence[str],
         value_limit: int,
+        shared: SharedMetrics,
+        request_counts: RequestCounts,
     ) -> None:
         self._fields = tuple(
-            (f, metadata_attribute(f), process_cap(f, value_limit)) for f in metadata_fields
+            (f, metadata_attribute(f), shared.cap(f, value_limit)) for f in metadata_fields
         )
         # Named by the answer, not the caller: capped like a user, so an upstream that
         # names a new model on each call cannot flood the metrics (or this cache).
-        self._model_cap = process_cap(RESPONSE_MODEL, _MODEL_LIMIT)
+        self._model_cap = shared.cap(RESPONSE_MODEL, _MODEL_LIMIT)
         self._sets: dict[tuple[object, ...], _AttributeSets] = {}
         self.duration = meter.create_histogram(
             DURATION_METRIC,
@@ -247,7 +254,14 @@ class MetricRecorder:
             unit="{token}",
             description="Input tokens served from the provider's prompt cache",
         )
-        self._count_request = _request_counter(meter)
+        # Observable whatever the setup order: counted here, read at collection.
+        meter.create_observable_counter(
+            REQUESTS,
+            [request_counts.observe],
+            unit=_REQUESTS_UNIT,
+            description=_REQUESTS_DESCRIPTION,
+        )
+        self._count_request = request_counts.add
 
     @classmethod
     def create(
@@ -256,9 +270,19 @@ class MetricRecorder:
         *,
         metadata_fields: Sequence[str],
         value_limit: int,
+        shared: SharedMetrics | None = None,
     ) -> MetricRecorder:
+        """The instruments on ``meter_provider`` (``None``: the global one); ``shared``
+        is the process's (``_state``), or a new one for a recorder of its own."""
+        shared = shared or SharedMetrics()
         meter = metrics.get_meter("tokenlay_otel", __version__, meter_provider)
-        return cls(meter, metadata_fields=metadata_fields, value_limit=value_limit)
+        return cls(
+            meter,
+            metadata_fields=metadata_fields,
+            value_limit=value_limit,
+            shared=shared,
+            request_counts=shared.request_counts(meter_provider),
+        )
 
     def record(self, m: CallMeasurements, context: Context | None) -> None:
         sets = self._attribute_sets(m)
@@ -276,7 +300,7 @@ class MetricRecorder:
             self.cached_tokens.add(m.cached_input_tokens, sets.common, context=context)
         if m.time_to_first_chunk_s is not None and FIRST_CHUNK_METRIC not in elsewhere:
             self.time_to_first_chunk.record(m.time_to_first_chunk_s, sets.common, context=context)
-        self._count_request(sets, context)
+        self._count_request(sets)
         if m.cost is not None:
             self.cost.add(m.cost, sets.cost, context=context)
 

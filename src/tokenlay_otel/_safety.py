@@ -12,11 +12,34 @@ import os
 from types import TracebackType
 from typing import Any
 
-__all__ = ["ENV_RAISE_INTERNAL", "guard", "internal_error", "log", "redact_openai_debug_logs"]
+__all__ = [
+    "ENV_RAISE_INTERNAL",
+    "guard",
+    "internal_error",
+    "log",
+    "redact_openai_debug_logs",
+    "say_once",
+]
 
 log = logging.getLogger("tokenlay_otel")
 
 ENV_RAISE_INTERNAL = "TOKENLAY_OTEL_RAISE_INTERNAL_ERRORS"
+
+#: Lines already said by :func:`say_once`: a bad setting or field repeats on every
+#: call, and one line says it. Bounded: past the limit, lines are said again.
+_said: set[str] = set()
+_SAID_LIMIT = 1024
+
+
+def say_once(level: int, message: str, detail: str) -> None:
+    """Log ``message % detail`` at ``level`` the first time only."""
+    line = message % detail
+    if line in _said:
+        return
+    if len(_said) >= _SAID_LIMIT:
+        _said.clear()
+    _said.add(line)
+    log.log(level, "tokenlay_otel: %s", line)
 
 
 def _keep_quiet(what: str, exc_info: Any) -> bool:

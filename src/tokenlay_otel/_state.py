@@ -4,6 +4,18 @@ One tracer, one set of instruments, one price book and one cardinality cap per p
 a cap per client would let three clients put three times the users on the metrics.
 ``instrument()`` installs the state built with its providers; without it, the first
 client to record builds one from the environment and every later client shares it.
+
+What else a process keeps between calls, and why each is needed:
+
+- here, :data:`_SHARED_METRICS`: the metadata caps and the ``tokenlay.client.requests``
+  tallies every telemetry of the process records into (see ``SharedMetrics``);
+- ``_responses``: the proxy's metadata beside each returned object, for
+  ``get_tokenlay_metadata`` (weak: an entry goes with its object);
+- ``_fork``: the objects whose locks a forked child renews (weak);
+- ``_wrappers``: what each client's fixed base URL and default headers give (bounded,
+  a miss recomputes), and the log lines said once (or once a minute) so an outage or a
+  bad field is one line, not one per call;
+- ``_context``: the scoped metadata, a ``ContextVar`` (per task, not per process).
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from opentelemetry import trace
 from opentelemetry.metrics import MeterProvider
 
 from ._config import Settings
+from ._metrics import SharedMetrics
 from ._safety import log
 from ._telemetry import Telemetry
 
@@ -23,6 +36,7 @@ __all__ = ["build_telemetry", "current_telemetry", "install_telemetry", "uninsta
 _lock = threading.Lock()
 _installed: Telemetry | None = None
 _default: Telemetry | None = None
+_SHARED_METRICS = SharedMetrics()
 
 
 def build_telemetry(
@@ -30,11 +44,15 @@ def build_telemetry(
     tracer_provider: trace.TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
 ) -> Telemetry:
-    """Telemetry from ``settings``; a prices file that cannot be used is an ERROR log
-    line, and calls are priced without it (tracing is never given up for it)."""
+    """Telemetry from ``settings``, recording into the process's shared metrics; a
+    prices file that cannot be used is an ERROR log line, and calls are priced without
+    it (tracing is never given up for it)."""
     try:
         return Telemetry.create(
-            settings=settings, tracer_provider=tracer_provider, meter_provider=meter_provider
+            settings=settings,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            shared=_SHARED_METRICS,
         )
     except Exception as exc:  # a prices file is outside data: whatever it holds, go on
         log.error("tokenlay_otel: %s; pricing with the built-in prices only", exc)
@@ -42,6 +60,7 @@ def build_telemetry(
         settings=dataclasses.replace(settings, prices_file=None),
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
+        shared=_SHARED_METRICS,
     )
 
 
@@ -69,5 +88,6 @@ def install_telemetry(telemetry: Telemetry) -> None:
 
 
 def uninstall_telemetry() -> None:
+    """``uninstrument()``: clients go back to the shared default."""
     global _installed
     _installed = None

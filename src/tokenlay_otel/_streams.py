@@ -1,4 +1,5 @@
-"""Stream and raw-response proxies that end the call's span exactly once.
+"""Stream proxies that end the call's span exactly once (``_results`` hands them the
+streams).
 
 A stream ends when it is exhausted, fails, is closed (``close()``, ``with`` exit) or is
 garbage collected after being abandoned (``break``, an exception in the caller's loop,
@@ -9,10 +10,9 @@ not defined here is forwarded to the wrapped object.
 from __future__ import annotations
 
 import dataclasses
-import json
 import weakref
 from collections.abc import Iterator, Mapping
-from typing import Any, cast
+from typing import Any
 
 import openai
 import wrapt
@@ -24,7 +24,7 @@ from ._safety import guard, internal_error
 from ._telemetry import LLMCall
 from ._wire import TokenlayResponseMetadata
 
-__all__ = ["wrap_result"]
+__all__ = ["TracedAsyncStream", "TracedStream", "traced_stream"]
 
 _CHUNK_FIELDS = ("type", "response", "id", "model", "system_fingerprint", "service_tier",
                  "choices", "usage")  # fmt: skip
@@ -42,7 +42,6 @@ class _StreamState:
         "final_response",
         "fingerprint",
         "hide_usage",
-        "meta",
         "model",
         "reasons",
         "response_id",
@@ -53,7 +52,7 @@ class _StreamState:
 
     def __init__(self, call: LLMCall, *, hide_usage: bool) -> None:
         self.call = call
-        self.meta = call.proxy_metadata()
+        call.proxy_metadata()  # read now: another instrumentation's span may end first
         self.hide_usage = hide_usage
         self.usage: A.Usage | None = None
         self.final_response: Any = None
@@ -167,11 +166,11 @@ class _StreamState:
             return  # ended and remembered before (closed twice)
         final = self.final_response
         usage = self.usage if final is None else A.usage_of(getattr(final, "usage", None))
-        remember(result, _with_usage(self.meta, usage))
+        remember(result, _with_usage(self.call.proxy_metadata(), usage))
 
     def _end_call(self, error: BaseException | None) -> None:
         if self.final_response is not None:
-            self.call.end(response=self.final_response, meta=self.meta, error=error)
+            self.call.end(response=self.final_response, error=error)
         else:
             attrs: dict[str, Any] = {}
             if isinstance(self.response_id, str):
@@ -187,9 +186,7 @@ class _StreamState:
             output = None
             if self.texts is not None and (self.texts or self.reasons):
                 output = stream_output_messages(self.texts, self.reasons)
-            self.call.end(
-                response_attrs=attrs, usage=self.usage, meta=self.meta, output=output, error=error
-            )
+            self.call.end(response_attrs=attrs, usage=self.usage, output=output, error=error)
 
 
 _text = A.short_text  # an empty string names nothing; a huge one is not believed
@@ -342,92 +339,10 @@ class TracedAsyncStream(wrapt.ObjectProxy):  # type: ignore[type-arg,misc]
         await self.close()
 
 
-def _wrap_parsed(call: LLMCall, parsed: Any, hide_usage: bool) -> Any:
-    if isinstance(parsed, openai.Stream):
-        return TracedStream(parsed, _StreamState(call, hide_usage=hide_usage))
-    if isinstance(parsed, openai.AsyncStream):
-        return TracedAsyncStream(parsed, _StreamState(call, hide_usage=hide_usage))
-    meta = call.proxy_metadata()
-    call.end(response=parsed, meta=meta)
-    remember(parsed, meta)
-    return parsed
-
-
-class _RawResponse(wrapt.ObjectProxy):  # type: ignore[type-arg,misc]
-    """A raw response whose body is read later: the span ends at ``parse()``/``close()``."""
-
-    def __init__(self, wrapped: Any, call: LLMCall, hide_usage: bool) -> None:
-        super().__init__(wrapped)
-        self._self_call = call
-        self._self_hide = hide_usage
-        self._self_parsed: dict[int, Any] = {}
-        weakref.finalize(self, call.end)
-
-    def _self_wrap(self, parsed: Any) -> Any:
-        # parse() caches its result, so return the same proxy for the same object.
-        key = id(parsed)
-        if key not in self._self_parsed:
-            wrapped = parsed
-            with guard("wrapping a parsed raw response"):
-                wrapped = _wrap_parsed(self._self_call, parsed, self._self_hide)
-            self._self_parsed[key] = wrapped
-        return self._self_parsed[key]
-
-
-class TracedRawResponse(_RawResponse):
-    def parse(self, *args: Any, **kwargs: Any) -> Any:
-        return self._self_wrap(self.__wrapped__.parse(*args, **kwargs))
-
-    def close(self) -> None:
-        try:
-            self.__wrapped__.close()
-        finally:
-            self._self_call.end(meta=self._self_call.proxy_metadata())
-
-    def __enter__(self) -> TracedRawResponse:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class TracedAsyncRawResponse(_RawResponse):
-    async def parse(self, *args: Any, **kwargs: Any) -> Any:
-        return self._self_wrap(await self.__wrapped__.parse(*args, **kwargs))
-
-    async def close(self) -> None:
-        try:
-            await self.__wrapped__.close()
-        finally:
-            self._self_call.end(meta=self._self_call.proxy_metadata())
-
-
-def _legacy_response_class() -> type | None:
-    try:
-        from openai._legacy_response import LegacyAPIResponse
-    except ImportError:  # pragma: no cover - present in every supported openai
-        return None
-    return LegacyAPIResponse
-
-
-_LEGACY = _legacy_response_class()
-
-
-def wrap_result(call: LLMCall, result: Any, *, streaming: bool, hide_usage: bool) -> Any:
-    """Finish ``call`` now, or hand the result to a proxy that finishes it later."""
-    if isinstance(result, openai.Stream | openai.AsyncStream):
-        return _wrap_parsed(call, result, hide_usage)
-    if _LEGACY is not None and isinstance(result, _LEGACY):
-        if streaming:
-            return TracedRawResponse(result, call, hide_usage)
-        # with_raw_response has already read the body: record it now.
-        meta = call.proxy_metadata()
-        body = json.loads(cast(Any, result).http_response.content)
-        call.end(response=body, meta=meta)
-        remember(result, meta)
-        return result
-    if isinstance(result, openai.AsyncAPIResponse):
-        return TracedAsyncRawResponse(result, call, hide_usage)
-    if isinstance(result, openai.APIResponse):
-        return TracedRawResponse(result, call, hide_usage)
-    return _wrap_parsed(call, result, hide_usage)
+def traced_stream(call: LLMCall, stream: Any, *, hide_usage: bool) -> Any:
+    """``stream`` (an ``openai.Stream`` or ``AsyncStream``) behind a proxy that ends
+    ``call`` with what the chunks said, hiding our usage chunk if ``hide_usage``."""
+    state = _StreamState(call, hide_usage=hide_usage)
+    if isinstance(stream, openai.AsyncStream):
+        return TracedAsyncStream(stream, state)
+    return TracedStream(stream, state)

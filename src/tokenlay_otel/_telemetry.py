@@ -1,7 +1,10 @@
-"""The telemetry lifecycle of one LLM call: start the span, end it exactly once.
+"""One call's state, and the telemetry lifecycle of an LLM call: start the span, end
+it exactly once.
 
-Shared by sync and async calls and by every response shape; ``_streams`` calls back
-into :meth:`LLMCall.end` when a stream finishes.
+Every ``request`` through ``_wrappers`` is one :class:`Call` (an :class:`LLMCall` when
+traced): it holds where the request went, the HTTP response it got back, and reads the
+proxy's metadata from that response itself when it ends. Shared by sync and async
+calls and by every response shape; ``_streams`` ends the call when a stream finishes.
 """
 
 from __future__ import annotations
@@ -20,20 +23,20 @@ from . import _attributes as A
 from ._coexist import shared_call, their_share
 from ._config import Settings
 from ._content import input_messages, output_messages
-from ._metrics import CallMeasurements, MetricRecorder
+from ._metrics import CallMeasurements, MetricRecorder, SharedMetrics
 from ._pricing import CostSource, PriceBook, load_price_overrides
-from ._safety import guard
+from ._safety import guard, internal_error
 from ._version import __version__
 from ._wire import TokenlayResponseMetadata, parse_response_headers
 
-__all__ = ["LLMCall", "Telemetry"]
+__all__ = ["Call", "LLMCall", "Telemetry"]
 
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 
 
 @dataclass(frozen=True, slots=True)
 class Telemetry:
-    """What a wrapper needs to record calls: built once per instrumentor or client."""
+    """What a wrapper needs to record calls: the process's one is held by ``_state``."""
 
     tracer: Tracer
     metrics: MetricRecorder
@@ -47,8 +50,10 @@ class Telemetry:
         settings: Settings,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
+        shared: SharedMetrics | None = None,
     ) -> Telemetry:
-        """Build the tracer, instruments and price book.
+        """Build the tracer, instruments and price book; ``shared``: what the process's
+        recorders share (see ``_state``), or nothing shared when not given.
 
         Raises:
             ValueError: the prices file (``TOKENLAY_PRICES_FILE``) is malformed.
@@ -62,11 +67,78 @@ class Telemetry:
             meter_provider,
             metadata_fields=settings.metric_fields,
             value_limit=settings.metric_value_limit,
+            shared=shared,
         )
         return cls(tracer=tracer, metrics=recorder, prices=PriceBook(overrides), settings=settings)
 
 
-class LLMCall:
+class Call:
+    """One ``request``: where it was sent and what came back.
+
+    A call that is not traced (not an LLM endpoint, or its span could not start) is a
+    plain ``Call``: nothing to end, its proxy metadata still kept beside its result.
+    """
+
+    __slots__ = (
+        "_meta",
+        "_meta_read",
+        "bypassed",
+        "fallback",
+        "hide_usage",
+        "http_response",
+        "proxy",
+        "span",
+        "streaming",
+    )
+
+    def __init__(self) -> None:
+        self.span: Span | None = None
+        #: The HTTP response, from openai's ``_process_response`` (or the error's).
+        self.http_response: Any = None
+        #: Whether the request asked for a usage chunk the caller did not: hidden again.
+        self.hide_usage = False
+        self.streaming = False
+        #: The Tokenlay base URL the call was sent to, when routed.
+        self.proxy: str | None = None
+        #: The caller's own (args, kwargs), when fail-open may send the call direct.
+        self.fallback: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        #: Sent straight to the provider after the proxy could not be reached.
+        self.bypassed = False
+        self._meta: TokenlayResponseMetadata | None = None
+        self._meta_read = False
+
+    @property
+    def ended(self) -> bool:
+        """Whether there is nothing left to end (a plain call never has anything)."""
+        return True
+
+    def proxy_metadata(self) -> TokenlayResponseMetadata | None:
+        """What the proxy said in the response's ``x-tokenlay-*`` headers; read once."""
+        if not self._meta_read:
+            self._meta_read = True
+            headers = getattr(self.http_response, "headers", None)
+            self._meta = None if headers is None else parse_response_headers(headers)
+        return self._meta
+
+    def detach(self) -> None:
+        """Leave the span's context (the request is sent); nothing for a plain call."""
+
+    def fail(self, exc: BaseException) -> None:
+        """The request raised; nothing to record for a plain call."""
+
+    def end(
+        self,
+        *,
+        response: Any = None,
+        response_attrs: Mapping[str, Any] | None = None,
+        usage: A.Usage | None = None,
+        output: str | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """The answer is whole; nothing to record for a plain call."""
+
+
+class LLMCall(Call):
     """One LLM operation: its span, attribution and what the proxy said.
 
     When another openai instrumentation traces the same call (see ``_coexist``), its
@@ -82,16 +154,13 @@ class LLMCall:
         "_recorded_elsewhere",
         "_start",
         "body",
-        "bypassed",
         "endpoint",
         "first_chunk_at",
-        "http_response",
         "metadata",
         "provider",
         "provider_base",
         "request_model",
         "routed",
-        "span",
         "telemetry",
     )
 
@@ -105,6 +174,7 @@ class LLMCall:
         provider_base: str,
         routed: bool,
     ) -> None:
+        super().__init__()
         self.telemetry = telemetry
         self.endpoint = endpoint
         self.body = body
@@ -114,10 +184,7 @@ class LLMCall:
         self.provider_base = provider_base
         model = body.get("model")
         self.request_model: str | None = model if isinstance(model, str) else None
-        self.span: Span | None = None
-        self.http_response: Any = None
         self.first_chunk_at: float | None = None
-        self.bypassed = False
         self._context: otel_context.Context | None = None
         self._context_token: object = None
         self._ended = False
@@ -169,13 +236,16 @@ class LLMCall:
         return carrier
 
     def detach(self) -> None:
+        """Leave the span's context: the request is sent, the caller's code goes on."""
         if self._context_token is not None:
             otel_context.detach(self._context_token)  # type: ignore[arg-type]  # a Token
             self._context_token = None
 
     def proxy_metadata(self) -> TokenlayResponseMetadata | None:
-        headers = getattr(self.http_response, "headers", None)
-        meta = None if headers is None else parse_response_headers(headers)
+        """What the proxy said, read once; on another instrumentation's span at once."""
+        if self._meta_read:
+            return self._meta
+        meta = super().proxy_metadata()
         span = self.span
         if meta is not None and not self._owned and span is not None and span.is_recording():
             # Their span may end before ours would (a stream they finish first): what
@@ -191,10 +261,10 @@ class LLMCall:
     def fail(self, exc: BaseException) -> None:
         """The request raised: record the error (and a block's proxy headers) and end."""
         with guard("recording an error"):
-            response = getattr(exc, "response", None)
-            headers = getattr(response, "headers", None)
-            meta = parse_response_headers(headers) if headers is not None else None
-            self.end(meta=meta, error=exc)
+            # An API error carries its response (a block's carries the proxy's headers).
+            self.http_response = getattr(exc, "response", None)
+            self._meta_read = False
+            self.end(error=exc)
 
     def end(
         self,
@@ -202,11 +272,11 @@ class LLMCall:
         response: Any = None,
         response_attrs: Mapping[str, Any] | None = None,
         usage: A.Usage | None = None,
-        meta: TokenlayResponseMetadata | None = None,
         output: str | None = None,
         error: BaseException | None = None,
     ) -> None:
-        """End the span and record the call's metrics, once; later calls do nothing."""
+        """End the span and record the call's metrics (with what the proxy said in the
+        response's headers), once; later calls do nothing."""
         if self._ended:
             return
         self._ended = True
@@ -214,6 +284,11 @@ class LLMCall:
         if span is None:
             return
         try:
+            try:
+                meta = self.proxy_metadata()
+            except Exception:  # the headers are the upstream's: record the rest anyway
+                internal_error("reading the proxy's answer")
+                meta = None
             attrs: dict[str, Any] = {}
             if response is not None:
                 fields = A.fields_of(response, A.RESPONSE_FIELDS)  # read once, for both

@@ -2,38 +2,34 @@
 
 ``request_sync``/``request_async`` wrap the client's ``request`` method, which every
 endpoint (chat, completions, embeddings, responses; raw, streaming, ``.parse``) goes
-through. They differ only by ``await``; everything else is in :class:`_Call`.
+through. They differ only by ``await``; each request is one ``_telemetry.Call``,
+which the ``_process_response`` tap hands its HTTP response through ``_ACTIVE``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import time
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from typing import Any, cast
+from typing import Any
 
-from openai import APIConnectionError, NotGiven, Omit
+from openai import APIConnectionError
 
 from ._config import ENV_ALLOW_HTTP_HOSTS, Route
-from ._context import current_metadata
-from ._conventions import PROVIDER, PROXY_URL
+from ._conventions import PROVIDER
 from ._endpoints import Endpoint, endpoint_for
+from ._outage import bypass, name_the_proxy
+from ._outgoing import client_facts, drop_bad, metadata_for, routed_headers, take_omitted
 from ._responses import remember
+from ._results import wrap_result
 from ._routing import TokenlayRouteError, Unroutable, routes
-from ._safety import internal_error, log
-from ._streams import wrap_result
-from ._telemetry import LLMCall, Telemetry
+from ._safety import internal_error, log, say_once
+from ._telemetry import Call, LLMCall, Telemetry
 from ._urls import check_url_security, display_url
 from ._usage_option import api_version_of, usage_option_accepted
 from ._wire import (
-    HEADER_PREFIX,
-    build_request_headers,
-    normalize_field_name,
-    parse_response_headers,
     proxy_url,
-    sanitize_metadata,
     split_caller_headers,
     usage_option_given,
     validate_metadata,
@@ -42,125 +38,8 @@ from ._wire import (
 
 __all__ = ["note_http_response", "request_async", "request_sync"]
 
-_ACTIVE: ContextVar[_Request | None] = ContextVar("tokenlay_request", default=None)
+_ACTIVE: ContextVar[Call | None] = ContextVar("tokenlay_request", default=None)
 _ABSOLUTE = ("http://", "https://")
-# Bad metadata on the auto-instrumented path is dropped with one warning per problem.
-_warned: set[str] = set()
-
-
-class _Request:
-    """State of one ``request`` call, visible to the ``_process_response`` tap."""
-
-    __slots__ = ("fallback", "hide_usage", "http_response", "llm", "proxy", "streaming")
-
-    def __init__(self, llm: LLMCall | None, *, streaming: bool, hide_usage: bool) -> None:
-        self.llm = llm
-        self.streaming = streaming
-        self.hide_usage = hide_usage
-        self.http_response: Any = None
-        #: The Tokenlay base URL the call was sent to, when routed.
-        self.proxy: str | None = None
-        #: The caller's own (args, kwargs), when fail-open may send the call direct.
-        self.fallback: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-
-    def bypass(self, exc: BaseException) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        """The call as the caller made it, if the proxy was never reached and fail-open
-        is on.
-
-        Only a failure to connect qualifies. A proxy that took the request and then
-        timed out may have forwarded it: sending it again would bill it twice, once
-        past spend control. An HTTP answer from the proxy (a block, a 5xx) never does.
-        """
-        if self.fallback is None or not _never_reached(exc):
-            return None
-        _say_once_a_minute(
-            f"the Tokenlay proxy at {display_url(self.proxy)} could not be reached "
-            f"({_cause(exc)}); fail-open sends calls straight to the provider"
-        )
-        self.hide_usage = False  # the caller's options go as they were
-        self.http_response = None
-        if self.llm is not None:
-            self.llm.bypassed = True
-        return self.fallback
-
-    def detach(self) -> None:
-        if self.llm is not None:
-            try:
-                self.llm.detach()
-            except Exception:
-                internal_error("detaching the span context")
-
-    def failed(self, exc: BaseException) -> None:
-        if self.proxy is not None and isinstance(exc, APIConnectionError):
-            # openai says only "Connection error.": name the proxy and what went wrong.
-            shown = display_url(self.proxy)
-            what = "could not be reached" if _never_reached(exc) else "did not answer"
-            _say_once_a_minute(
-                f"the Tokenlay proxy at {shown} {what} ({_cause(exc)}); calls fail. "
-                "Check TOKENLAY_BASE_URL and that the proxy is up"
-            )
-            if self.llm is not None and self.llm.span is not None:
-                try:
-                    self.llm.span.set_attribute(PROXY_URL, shown)
-                except Exception:
-                    internal_error("naming the proxy on the span")
-        if self.llm is not None:
-            self.llm.fail(exc)
-
-    def finished(self, result: Any) -> Any:
-        try:
-            if self.llm is None:
-                headers = getattr(self.http_response, "headers", None)
-                if headers is not None:
-                    remember(result, parse_response_headers(headers))
-                return result
-            self.llm.http_response = self.http_response
-            return wrap_result(
-                self.llm, result, streaming=self.streaming, hide_usage=self.hide_usage
-            )
-        except Exception:
-            internal_error("recording the response")
-        if self.llm is not None:  # our failure: end the span, return the call's result as is
-            self.llm.end()
-        return result
-
-
-def _omitted(fields: dict[str, object]) -> tuple[dict[str, object], frozenset[str]]:
-    """The fields with a value, and those the caller took away with ``Omit()`` (or
-    ``NOT_GIVEN``), by canonical name."""
-    names = set()
-    for name, value in fields.items():
-        if isinstance(value, Omit | NotGiven):
-            with contextlib.suppress(ValueError):  # not a field name: nothing to take away
-                names.add(normalize_field_name(name))
-    if not names:
-        return fields, frozenset()
-    kept = {k: v for k, v in fields.items() if not isinstance(v, Omit | NotGiven)}
-    return kept, frozenset(names)
-
-
-# httpx's (and httpx2's) errors for a connection that was never made.
-_CONNECT_FAILURES = frozenset({"ConnectError", "ConnectTimeout"})
-_said: dict[str, float] = {}
-
-
-def _cause(exc: BaseException) -> str:
-    return type(exc.__cause__ or exc).__name__
-
-
-def _never_reached(exc: BaseException) -> bool:
-    """Whether openai's connection error means the request never left this process."""
-    return isinstance(exc, APIConnectionError) and _cause(exc) in _CONNECT_FAILURES
-
-
-def _say_once_a_minute(message: str) -> None:
-    # An outage fails every call: one line a minute says it, thousands would bury it.
-    now = time.monotonic()
-    if now - _said.get(message, -60.0) >= 60.0:
-        if len(_said) > 256:
-            _said.clear()
-        _said[message] = now
-        log.warning("tokenlay_otel: %s", message)
 
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, bool]:
@@ -176,97 +55,6 @@ def _rebind(
     if in_kwargs:
         return args, {**kwargs, "options": options}
     return (args[0], options, *args[2:]), kwargs
-
-
-def _drop_bad(fields: Mapping[str, object]) -> dict[str, str]:
-    valid, problems = sanitize_metadata(fields)
-    for problem in problems:
-        if problem not in _warned:
-            _warned.add(problem)
-            log.warning("tokenlay_otel: dropped a metadata field: %s", problem)
-    return valid
-
-
-# id(client) -> (its base URL object, its default-headers dict, what we derive from them).
-# The derived values depend only on those two objects, which the entry keeps alive, so a
-# new client that reuses an id is told apart by them. Bounded: cleared when full.
-_CLIENT_FACTS: dict[int, tuple[object, object, str, dict[str, str]]] = {}
-_CLIENT_FACTS_LIMIT = 256
-
-
-def _client_facts(client: Any) -> tuple[str, dict[str, str]]:
-    """A client's base URL as text and the valid ``x-tokenlay-*`` fields of its default
-    headers; computed once per client (both are fixed when the client is built)."""
-    url = getattr(client, "_base_url", None)
-    custom = getattr(client, "_custom_headers", None)
-    entry = _CLIENT_FACTS.get(id(client))
-    if entry is not None and entry[0] is url and entry[1] is custom:
-        return entry[2], entry[3]
-    base = str(client.base_url).rstrip("/")
-    fields, _ = split_caller_headers(custom or {}, bare_fields=False)
-    valid = _drop_bad(fields) if fields else {}
-    if len(_CLIENT_FACTS) >= _CLIENT_FACTS_LIMIT:
-        _CLIENT_FACTS.clear()
-    _CLIENT_FACTS[id(client)] = (url, custom, base, valid)
-    return base, valid
-
-
-def _routed_headers(
-    client: Any,
-    route: Route,
-    caller_rest: Mapping[str, object],
-    metadata: Mapping[str, str],
-    provider_base: str,
-) -> dict[str, object]:
-    provider_key = route.provider_key if route.provider_key is not None else client.api_key
-    ours = build_request_headers(
-        tokenlay_key=route.tokenlay_key,
-        provider_key=provider_key,
-        provider_base=provider_base,
-        metadata=metadata,
-    )
-    lowered_ours = {name.lower(): name for name in ours}
-    headers: dict[str, object] = {}
-    # openai 1.x merges default and per-request headers case-sensitively: omit any other
-    # spelling the client's defaults use, or both would be sent.
-    for name in getattr(client, "_custom_headers", None) or {}:
-        lowered = name.lower()
-        if (lowered.startswith(HEADER_PREFIX) or lowered in lowered_ours) and (
-            lowered_ours.get(lowered) != name
-        ):
-            headers[name] = Omit()
-    for name, value in caller_rest.items():
-        # The caller's own spelling of a header we set (authorization, the provider
-        # key or base) is replaced by ours, never sent beside it.
-        if not (isinstance(name, str) and _ours(name, lowered_ours)):
-            headers[name] = value
-    headers.update(ours)
-    return headers
-
-
-def _ours(name: str, lowered_ours: Mapping[str, str]) -> bool:
-    lowered = name.lower()
-    return lowered in lowered_ours or lowered.startswith(HEADER_PREFIX)
-
-
-def _metadata_for(
-    client_fields: Mapping[str, str], route: Route | None, per_request: Mapping[str, str]
-) -> Mapping[str, str]:
-    """Attribution of a call, lowest precedence first (all inputs already valid)."""
-    scoped = current_metadata()
-    if route is None and not client_fields and not per_request and None not in scoped.values():
-        return cast(Mapping[str, str], scoped)  # the common case: no None left; read-only
-    metadata: dict[str, str] = {}
-    if route is not None:
-        metadata.update(route.metadata)
-    metadata.update(client_fields)
-    for field, value in scoped.items():
-        if value is None:
-            metadata.pop(field, None)
-        else:
-            metadata[field] = value
-    metadata.update(per_request)
-    return metadata
 
 
 def _wants_usage_chunk(
@@ -304,8 +92,8 @@ def _start(
     per_request: Mapping[str, str],
     caller_rest: Mapping[str, object],
     omitted: frozenset[str],
-) -> tuple[Any, _Request]:
-    client_base, client_fields = _client_facts(client)
+) -> tuple[Any, Call]:
+    client_base, client_fields = client_facts(client)
     url = options.url
     provider_base = (route.provider_base if route else None) or client_base
     routed = False
@@ -317,7 +105,7 @@ def _start(
             Unroutable(refusal, route.endpoints).refuse(options.method, url)
     else:
         route = None  # out of scope: sent as the caller made it, with nothing of ours
-    metadata = _metadata_for(client_fields, route, per_request)
+    metadata = metadata_for(client_fields, route, per_request)
     if omitted:  # the caller's Omit() takes a field away for this call, as for a header
         metadata = {k: v for k, v in metadata.items() if k not in omitted}
     json_data = options.json_data
@@ -329,13 +117,15 @@ def _start(
     hide_usage = _wants_usage_chunk(
         endpoint, body, routed=routed, provider=provider, client=client, params=options.params
     )
-    request = _Request(llm, streaming=body.get("stream") is True, hide_usage=hide_usage)
+    call = llm if llm is not None else Call()
+    call.streaming = body.get("stream") is True
+    call.hide_usage = hide_usage
     try:
         update: dict[str, Any] = {}
         if hide_usage:
             update["json_data"] = with_usage_option(body)
         if routed and route is not None:
-            headers = _routed_headers(client, route, caller_rest, metadata, provider_base)
+            headers = routed_headers(client, route, caller_rest, metadata, provider_base)
             if llm is not None:
                 try:
                     headers.update(llm.trace_headers())
@@ -343,12 +133,11 @@ def _start(
                     internal_error("propagating the trace context")
             update["url"] = proxy_url(route.tokenlay_base_url, url)
             update["headers"] = headers
-            request.proxy = route.tokenlay_base_url
-        return (options.model_copy(update=update) if update else options), request
+            call.proxy = route.tokenlay_base_url
+        return (options.model_copy(update=update) if update else options), call
     except BaseException:
-        request.detach()
-        if llm is not None:
-            llm.end()
+        _detach(call)
+        call.end()
         raise
 
 
@@ -363,9 +152,7 @@ def _refusal(route: Route, url: str, provider_base: str) -> str | None:
         reason = _provider_base_refusal(provider_base, route.allow_http_hosts)
         if reason is None:
             return None
-    if reason not in _warned:
-        _warned.add(reason)
-        log.error("tokenlay_otel: %s; such calls go to the provider directly", reason)
+    say_once(logging.ERROR, "%s; such calls go to the provider directly", reason)
     return reason
 
 
@@ -423,7 +210,7 @@ def _begin(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     unroutable: Unroutable | None,
-) -> tuple[tuple[Any, ...], dict[str, Any], _Request | None]:
+) -> tuple[tuple[Any, ...], dict[str, Any], Call | None]:
     options, in_kwargs = _bind(args, kwargs)
     if unroutable is not None:
         unroutable.refuse(options.method, options.url)
@@ -435,19 +222,19 @@ def _begin(
         internal_error("reading the caller's headers")
     if split is not None:
         fields, rest = split
-        fields, omitted = _omitted(fields)
+        fields, omitted = take_omitted(fields)
         # Caller input on a drop-in client: a bad value is the caller's error to see,
         # raised before anything is sent. Elsewhere bad fields are dropped (logged).
         per_request = validate_metadata(fields) if route is not None and route.strict else None
         try:
             if per_request is None:
-                per_request = _drop_bad(fields)
-            new_options, request = _start(
+                per_request = drop_bad(fields)
+            new_options, call = _start(
                 client, route, telemetry, options, per_request, rest, omitted
             )
             if route is not None and route.fail_open and new_options is not options:
-                request.fallback = (args, kwargs)
-            return (*_rebind(args, kwargs, new_options, in_kwargs), request)
+                call.fallback = (args, kwargs)
+            return (*_rebind(args, kwargs, new_options, in_kwargs), call)
         except TokenlayRouteError:
             raise
         except Exception:
@@ -478,25 +265,25 @@ def request_sync(
     """
     if _ACTIVE.get() is not None:  # already handled by an outer layer (drop-in client)
         return wrapped(*args, **kwargs)
-    args, kwargs, request = _begin(client, route, telemetry, args, kwargs, unroutable)
-    if request is None:
+    args, kwargs, call = _begin(client, route, telemetry, args, kwargs, unroutable)
+    if call is None:
         return wrapped(*args, **kwargs)
-    token = _ACTIVE.set(request)
+    token = _ACTIVE.set(call)
     try:
         try:
             result = wrapped(*args, **kwargs)
         except APIConnectionError as exc:
-            direct = request.bypass(exc)
+            direct = bypass(call, exc)
             if direct is None:
                 raise
             result = wrapped(*direct[0], **direct[1])
     except BaseException as exc:
-        request.failed(exc)
+        _failed(call, exc)
         raise
     finally:
         _ACTIVE.reset(token)
-        request.detach()
-    return request.finished(result)
+        _detach(call)
+    return _finished(call, result)
 
 
 async def request_async(
@@ -512,29 +299,55 @@ async def request_async(
     """Async twin of :func:`request_sync`; differs only by ``await``."""
     if _ACTIVE.get() is not None:
         return await wrapped(*args, **kwargs)
-    args, kwargs, request = _begin(client, route, telemetry, args, kwargs, unroutable)
-    if request is None:
+    args, kwargs, call = _begin(client, route, telemetry, args, kwargs, unroutable)
+    if call is None:
         return await wrapped(*args, **kwargs)
-    token = _ACTIVE.set(request)
+    token = _ACTIVE.set(call)
     try:
         try:
             result = await wrapped(*args, **kwargs)
         except APIConnectionError as exc:
-            direct = request.bypass(exc)
+            direct = bypass(call, exc)
             if direct is None:
                 raise
             result = await wrapped(*direct[0], **direct[1])
     except BaseException as exc:
-        request.failed(exc)
+        _failed(call, exc)
         raise
     finally:
         _ACTIVE.reset(token)
-        request.detach()
-    return request.finished(result)
+        _detach(call)
+    return _finished(call, result)
 
 
 def note_http_response(response: object) -> None:
     """Called from ``_process_response``: the HTTP response of the active call."""
-    request = _ACTIVE.get()
-    if request is not None:
-        request.http_response = response
+    call = _ACTIVE.get()
+    if call is not None:
+        call.http_response = response
+
+
+def _detach(call: Call) -> None:
+    try:
+        call.detach()
+    except Exception:
+        internal_error("detaching the span context")
+
+
+def _failed(call: Call, exc: BaseException) -> None:
+    name_the_proxy(call, exc)
+    call.fail(exc)
+
+
+def _finished(call: Call, result: Any) -> Any:
+    """The call's result as the caller gets it: a traced call ends now, or when the
+    stream or raw response it returned is done."""
+    try:
+        if isinstance(call, LLMCall) and not call.ended:
+            return wrap_result(call, result)
+        remember(result, call.proxy_metadata())  # not traced: the proxy's answer is kept
+        return result
+    except Exception:
+        internal_error("recording the response")
+    call.end()  # our failure: end the span, return the call's result as is
+    return result
