@@ -12,6 +12,8 @@ import os
 from types import TracebackType
 from typing import Any
 
+from ._wire.fields import PROVIDER_KEY_HEADER
+
 __all__ = [
     "ENV_RAISE_INTERNAL",
     "guard",
@@ -90,7 +92,7 @@ class guard:  # lower case: used like a function, `with guard("..."):`
         return _keep_quiet(self.what, (exc_type, exc, tb))
 
 
-_SECRET_HEADERS = frozenset({"x-tokenlay-provider-key", "authorization"})
+_SECRET_HEADERS = frozenset({PROVIDER_KEY_HEADER, "authorization"})
 
 
 class _RedactTokenlayHeaders(logging.Filter):

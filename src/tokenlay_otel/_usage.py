@@ -31,6 +31,11 @@ def fields_of(obj: Any, keys: tuple[str, ...]) -> Mapping[str, Any]:
     from a proxy) in ``__pydantic_extra__``; reading them there avoids ``getattr``,
     which costs an exception per missing field. Any other object gives ``keys`` read
     as attributes.
+
+    The one seam onto pydantic's storage (tests/test_private_seams.py compares it with
+    ``getattr``): measured with benchmarks/instructions.py, ``getattr`` instead costs
+    207k instructions more per chat call and 336k per 20-chunk stream (16-25 % of our
+    overhead).
     """
     kind = type(obj)
     if kind is dict:
