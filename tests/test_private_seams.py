@@ -88,6 +88,3 @@ def test_a_clients_built_headers_are_what_default_headers_carries(
     assert built is built_headers(client)  # one object per client: it keys a cache
     copied = client.with_options(default_headers={"x-tokenlay-org": "o1"})
     assert dict(built_headers(copied)) == {**(defaults or {}), "x-tokenlay-org": "o1"}
-    from tokenlay_otel._outgoing import _built_url
-
-    assert _built_url(client) is client.base_url
