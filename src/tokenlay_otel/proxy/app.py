@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import os
-import re
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx2
 from opentelemetry import metrics, propagate, trace
@@ -34,7 +31,6 @@ from tokenlay_otel._conventions import (
 )
 from tokenlay_otel._pricing import PriceBook
 from tokenlay_otel._wire import PROVIDER_BASE_HEADER, PROVIDER_KEY_HEADER, metadata_from_wire
-from tokenlay_otel._wire import metered_endpoint as endpoint_of
 
 from .call import Call
 from .connect import upstream_transport
@@ -43,20 +39,24 @@ from .limit_metrics import DEFAULT_TOP, LimitGauges
 from .limits import Enforcer
 from .mock import mock_transport
 from .providers import AllowList, ProviderError
+from .request import (
+    _MAX_MODEL,
+    _METHODS,
+    _SEGMENT,
+    _check_header_values,
+    _declared,
+    _disguised,
+    _forwarded,
+    _json_object,
+    _Refused,
+)
+from .request import metered_endpoint as metered_endpoint  # its home before request.py
 from .rules import Rule
 from .store import UsageStore
 
 __all__ = ["ProxyConfig", "create_app"]
 
 _log = logging.getLogger("tokenlay_otel.proxy")
-_METHODS = frozenset({"GET", "POST", "DELETE"})
-# A path segment as providers use them (ids, "ft:model:org"); no dot segments.
-_SEGMENT = re.compile(r"[A-Za-z0-9_.~:@!$'()*+,;=-]+")
-# Headers that must come once, and what they may hold (visible ASCII, inner spaces).
-_SINGLE = frozenset({b"authorization", PROVIDER_KEY_HEADER.encode(), PROVIDER_BASE_HEADER.encode()})
-_FORWARDED = frozenset({b"openai-beta", b"openai-organization", b"openai-project"})
-_VISIBLE = re.compile(rb"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
-_MAX_MODEL = 256
 _BASES_KEPT = 1024
 
 
@@ -95,12 +95,6 @@ class ProxyConfig:
     shutdown_timeout_s: float = 10.0
     #: Keys per limit on the limit metrics (the most used first).
     limit_metrics_top: int = DEFAULT_TOP
-
-
-class _Refused(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
 
 
 class ClientGone(Exception):
@@ -367,66 +361,6 @@ class Gateway:
             self._heartbeat.cancel()
         await self.transport.aclose()
         await self.config.store.close()
-
-
-def metered_endpoint(method: str, base: str, suffix: str) -> str | None:
-    """The metered endpoint a request reaches, told by the whole upstream path.
-
-    The request path alone would not do: a base without ``/v1`` and a path with two
-    reach ``/v1/chat/completions`` all the same.
-    """
-    return endpoint_of(method, urlsplit(base).path + suffix)
-
-
-def _disguised(method: str, base: str, suffix: str) -> bool:
-    """Whether a path that is not a metered endpoint reads as one once lower-cased and
-    stripped of ``;params`` (the ways servers differ in reading a path)."""
-    if method != "POST":
-        return False
-    path = "/".join(s.split(";", 1)[0] for s in (urlsplit(base).path + suffix).lower().split("/"))
-    return metered_endpoint(method, "", path) is not None
-
-
-def _forwarded(headers: dict[bytes, bytes], *, streamed: bool) -> dict[str, str]:
-    out = {k.decode(): v.decode("latin-1") for k, v in headers.items() if k in _FORWARDED}
-    declared = _declared(headers)
-    # With transfer-encoding too, the server framed the body by its chunks: the length
-    # the client announced is not what will be sent.
-    if streamed and declared and b"transfer-encoding" not in headers:
-        # The server framed the body by it, so it is exact; upstream then gets a sized
-        # upload rather than a chunked one, which some providers refuse.
-        out["content-length"] = str(declared)
-    return out
-
-
-def _declared(headers: dict[bytes, bytes]) -> int:
-    """The body size the client announced (0 when it did not)."""
-    declared = headers.get(b"content-length", b"")
-    return int(declared) if declared.isdigit() and len(declared) < 19 else 0
-
-
-def _check_header_values(raw: list[tuple[bytes, bytes]]) -> None:
-    """Refuse what would be ambiguous or unsendable upstream, before anything is taken."""
-    seen: set[bytes] = set()
-    for name, value in raw:
-        if name in _SINGLE:
-            if name in seen:
-                raise _Refused(400, f"the {name.decode()} header is sent twice")
-            seen.add(name)
-        if (name in _SINGLE or name in _FORWARDED) and not _VISIBLE.fullmatch(value):
-            raise _Refused(400, f"the {name.decode()} header holds what HTTP cannot send on")
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body or b"{}")
-    except RecursionError:
-        raise _Refused(400, "the request body is nested too deeply") from None
-    except ValueError:
-        raise _Refused(400, "the request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise _Refused(400, "the request body must be a JSON object")
-    return data
 
 
 def create_app(config: ProxyConfig) -> Gateway:

@@ -24,6 +24,11 @@ a disconnect nor the server's shutdown can cancel it; it ends by its own deadlin
 drain's, or the gateway's at shutdown). Settling is one task, started once and awaited
 behind a shield. A stream settles before its last event is sent, so a caller who reads
 to the end never meets its own finished call still holding a slot.
+
+Longer than most modules (~620 lines) on purpose: it is one call's lifecycle, and
+each exit in the table above is set next to the charge it settles on, in one class
+sharing the call's state; split, an exit and its charge would live in two files. The
+pure helpers at the end are too few to move for the length's sake.
 """
 
 from __future__ import annotations
