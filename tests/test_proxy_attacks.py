@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -420,3 +421,94 @@ def test_sigterm_settles_the_streams_in_flight(tmp_path: Any) -> None:
     assert view.tokens(value="t") >= 3 * 12
     assert view.estimated() == view.tokens(value="t")
     assert "Traceback" not in errors
+
+
+class _KeepAliveUpstream:
+    """A keep-alive upstream whose first answer is followed, in the same write, by a
+    complete forged answer; every later request gets an honest one."""
+
+    def __init__(self, first: bytes, honest: bytes) -> None:
+        self.first, self.honest = first, honest
+        self.connections = 0
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
+        with conn:
+            try:
+                while True:
+                    length = 0
+                    while (line := reader.readline()) not in (b"\r\n", b""):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    if not line:
+                        return
+                    reader.read(length)
+                    answer, self.first = self.first or self.honest, b""
+                    conn.sendall(answer)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _json_answer(text: str) -> bytes:
+    body = chat_body({"prompt_tokens": 3, "completion_tokens": 2}, text)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    return head % len(body) + body
+
+
+def _sse_answer(text: str) -> bytes:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
+    events = [
+        {**chunk, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}]},
+        {**chunk, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+    ]
+    data = b"".join(b"data: %s\n\n" % json.dumps(e).encode() for e in events) + b"data: [DONE]\n\n"
+    return (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_bytes_after_an_answer_never_answer_another_call(store: StoreView, stream: bool) -> None:
+    """Bytes an upstream sends past the end of one answer (a forged second answer, in
+    the same write) are never taken as the next call's answer: the connection holding
+    them is not reused, and the next caller gets the answer to their own request."""
+    make = _sse_answer if stream else _json_answer
+    upstream = _KeepAliveUpstream(make("alice's") + make("FORGED"), make("bob's"))
+    try:
+        with gateway(store, mock_upstream=False, allow_providers=(upstream.url,)) as proxy:
+            texts = []
+            for user in ("alice", "bob"):
+                with httpx2.stream(
+                    "POST",
+                    proxy + "/v1/chat/completions",
+                    json={**CHAT, "stream": stream},
+                    headers=auth(upstream.url + "/v1", **{"x-tokenlay-user": user}),
+                    timeout=10,
+                ) as r:
+                    assert r.status_code == 200
+                    texts.append(r.read())
+                time.sleep(0.3)  # the first connection is idle in the pool by now
+    finally:
+        upstream.close()
+    assert b"alice's" in texts[0]
+    assert b"bob's" in texts[1]
+    assert b"FORGED" not in texts[1]
+    assert upstream.connections == 2

@@ -226,6 +226,8 @@ def upstream_transport(
     backend = _CheckedBackend(
         allow, resolver or _getaddrinfo, network_backend or httpcore2.AnyIOBackend()
     )
+    if not hasattr(httpcore2.AsyncConnectionPool, "_assign_requests_to_connections"):
+        raise RuntimeError("httpcore2's pool has no _assign_requests_to_connections; update _Pool")
     pool = _Pool(
         ssl_context=ssl_context,
         max_connections=limits.max_connections,
@@ -239,15 +241,36 @@ def upstream_transport(
 
 
 class _Pool(httpcore2.AsyncConnectionPool):
-    """httpcore2's pool, minus a cancellation shield per request for no connection.
+    """httpcore2's pool, which never hands out a connection holding unread bytes, and
+    takes no cancellation shield per request for no connection.
+
+    An upstream that sends anything after the end of an answer, in the same read, has
+    those bytes kept by h11 as the start of the connection's next answer: the next
+    call on that connection, anyone's, would be answered with them (and its own answer
+    left on the wire for the call after). So an idle connection whose parser holds
+    bytes is closed before requests are given connections. httpcore2 has no public
+    hook for it; :func:`upstream_transport` fails loudly if the method is renamed.
 
     The pool calls ``_close_connections`` twice per request, nearly always with none
     to close; its AnyIO shield was ~3% of the proxy's CPU under load (py-spy). If
     httpcore2 renames the method, this is a no-op and the pool works as before."""
 
+    def _assign_requests_to_connections(self) -> list[httpcore2.AsyncConnectionInterface]:
+        tainted = [c for c in self._connections if c.is_idle() and _holds_unread(c)]
+        for connection in tainted:
+            self._connections.remove(connection)
+        return [*tainted, *super()._assign_requests_to_connections()]
+
     async def _close_connections(self, closing: list[httpcore2.AsyncConnectionInterface]) -> None:
         if closing:
             await super()._close_connections(closing)
+
+
+def _holds_unread(connection: httpcore2.AsyncConnectionInterface) -> bool:
+    """Whether an HTTP/1.1 connection's parser holds bytes past its last answer."""
+    state = getattr(getattr(connection, "_connection", None), "_h11_state", None)
+    trailing = getattr(state, "trailing_data", None)
+    return bool(trailing and trailing[0])
 
 
 def _with_pool(
