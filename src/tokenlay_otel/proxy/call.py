@@ -231,7 +231,8 @@ class Call(Responder):
                     self._reschedule(0)
                 await self._forward(decision, headers)
         except TimeoutError:
-            self.exit = "shutdown" if self.stopping else "client_gone"
+            if self._settlement is None:  # one settled (a stream draining) keeps its exit
+                self.exit = "shutdown" if self.stopping else "client_gone"
             if not self.asked:
                 self.refund = True
             if not self.response_started and not self.gone:
