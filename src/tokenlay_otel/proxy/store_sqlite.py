@@ -33,6 +33,8 @@ _Outcome = tuple["asyncio.Future[Any]", Any, Exception | None]
 #: Commits on the loop's connection between two checkpoints (SQLite's own default is
 #: 1,000 WAL pages; a call's write is a few pages).
 _CHECKPOINT_EVERY = 256
+_BUSY_TIMEOUT_S = 30.0
+_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -90,18 +92,36 @@ class SQLiteStore(UsageStore):
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            # With WAL, NORMAL syncs at checkpoints, not at every commit: a commit is
-            # durable against a crash of the proxy (the OS has it), and only a power
-            # loss or an OS crash may take back the last commits, counting less than
-            # was used in those moments. FULL costs an fsync per admit and per settle
-            # (measured: ~18 ms added per call, 100 calls/s at most on this disk).
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=30000")
-            db.executescript(_SCHEMA)
+            # Workers starting together on a new file race to switch it to WAL and to
+            # create the tables; SQLite answers one of them "database is locked" at once
+            # when their locks would deadlock (its busy handler does not wait then). The
+            # setup is idempotent, so it is tried again, for as long as a lock may wait.
+            deadline = time.monotonic() + _BUSY_TIMEOUT_S
+            while True:
+                db = sqlite3.connect(str(self.path), timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+                try:
+                    self._set_up(db)
+                    break
+                except sqlite3.OperationalError as exc:
+                    db.close()
+                    code = exc.sqlite_errorcode & 0xFF
+                    if code not in _BUSY_CODES or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
             self._db = db
         return self._db
+
+    @staticmethod
+    def _set_up(db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        # With WAL, NORMAL syncs at checkpoints, not at every commit: a commit is
+        # durable against a crash of the proxy (the OS has it), and only a power
+        # loss or an OS crash may take back the last commits, counting less than
+        # was used in those moments. FULL costs an fsync per admit and per settle
+        # (measured: ~18 ms added per call, 100 calls/s at most on this disk).
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
+        db.executescript(_SCHEMA)
 
     def _fast_conn(self) -> sqlite3.Connection | None:
         if self._fast is None and not self._fast_off and self._db is not None:
