@@ -77,9 +77,9 @@ def started(command: list[str], health: str, env: dict[str, str] | None = None) 
 
 
 def direct_app() -> Any:
-    from tokenlay_otel.proxy.mock import mock_transport
+    from tokenlay_otel.proxy.mock import MockUpstream
 
-    transport = mock_transport()
+    upstream = MockUpstream()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -94,19 +94,12 @@ def direct_app() -> Any:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        request = httpx2.Request(scope["method"], f"http://upstream{scope['path']}", content=body)
-        response = await transport.handle_async_request(request)
-        headers = [(k.encode(), v.encode()) for k, v in response.headers.items()]
-        await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": headers}
-        )
-        try:
-            content = response.content  # a canned JSON answer
-        except httpx2.ResponseNotRead:  # a stream
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            content = b""
-        await send({"type": "http.response.body", "body": content})
+        answer = await upstream.send(scope["method"], f"http://upstream{scope['path']}", {}, body)
+        headers = [(k.encode(), v.encode()) for k, v in answer.headers]
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        async for chunk in answer.chunks():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
 
     return app
 

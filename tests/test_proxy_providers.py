@@ -1,4 +1,4 @@
-"""The provider allow-list (pure) and the SSRF-proof upstream transport (real sockets on
+"""The provider allow-list (pure) and the SSRF-proof upstream client (real sockets on
 127.0.0.1 only; public names never reach DNS: every test that uses one injects a resolver)."""
 
 from __future__ import annotations
@@ -9,16 +9,10 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-import httpcore2
-import httpx2
 import pytest
 
-from tokenlay_otel.proxy.connect import (
-    ReadableStream,
-    _with_pool,
-    refused_by_policy,
-    upstream_transport,
-)
+from tokenlay_otel.proxy.connect import UpstreamClient, refused_by_policy
+from tokenlay_otel.proxy.h1 import Connection, ConnectTimedOut, NotSent
 from tokenlay_otel.proxy.providers import DEFAULT_PROVIDERS, AllowList, ProviderError
 
 DEFAULTS = AllowList.build()
@@ -313,7 +307,7 @@ def test_operator_exact_patterns_may_reach_private_addresses(
     assert OPERATOR.address_allowed(host, port, address) is allowed
 
 
-# --- the transport, over real sockets on 127.0.0.1 --------------------------------------
+# --- the client, over real sockets on 127.0.0.1 -----------------------------------------
 
 
 class _Server:
@@ -360,42 +354,59 @@ async def _no_lookup(host: str, port: int) -> list[str]:
     raise AssertionError(f"an IP literal was resolved: {host}")
 
 
-class _Recorder(httpcore2.AsyncNetworkBackend):
-    """Records every address the checked backend hands on; 'reaches' the public ones it
-    is told about by connecting to the test server instead, so nothing leaves 127.0.0.1."""
+class _Recorder:
+    """An opener that records every address the client hands on; 'reaches' the public
+    ones it is told about by connecting to the test server instead, so nothing leaves
+    127.0.0.1."""
 
     def __init__(self, redirect: dict[str, int], refuse: Iterable[str] = ()) -> None:
         self.attempts: list[tuple[str, int]] = []
+        self.writes: list[bytes] = []
         self._redirect = redirect
         self._refuse = set(refuse)
 
-    async def connect_tcp(
+    async def __call__(
         self,
-        host: str,
+        factory: Callable[[], asyncio.Protocol],
+        address: str,
         port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore2.AsyncNetworkStream:
-        self.attempts.append((host, port))
-        if host in self._refuse or host not in self._redirect:
-            raise httpcore2.ConnectError(f"test refuses {host}")
-        return await httpcore2.AnyIOBackend().connect_tcp("127.0.0.1", self._redirect[host])
+        tls: ssl.SSLContext | None,
+        server_hostname: str | None,
+    ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+        self.attempts.append((address, port))
+        if address in self._refuse or address not in self._redirect:
+            raise OSError(f"test refuses {address}")
+        protocol = factory()
+        assert isinstance(protocol, Connection)
+        write, writes = protocol.write, self.writes
 
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+        def counted(data: bytes) -> None:
+            writes.append(data)
+            write(data)
+
+        protocol.write = counted  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        return await loop.create_connection(lambda: protocol, "127.0.0.1", self._redirect[address])
+
+
+async def _fetch(
+    client: UpstreamClient, url: str, method: str = "GET", body: Any = None
+) -> tuple[int, str, bytes]:
+    answer = await client.send(method, url, {"accept": "*/*"}, body)
+    try:
+        data = b"".join([chunk async for chunk in answer.chunks()])
+    finally:
+        await answer.aclose()
+    return answer.status, answer.header("x-served") or "", data
 
 
 def test_wildcard_pattern_never_connects_to_loopback() -> None:
     async def main() -> None:
         async with _Server() as server:
             allow = AllowList.build([f"http://*.test:{server.port}"], defaults=False)
-            resolver = _resolver({"provider.test": ["127.0.0.1"]})
-            async with httpx2.AsyncClient(
-                transport=upstream_transport(allow, resolver=resolver)
-            ) as client:
-                with pytest.raises(httpx2.ConnectError) as info:
-                    await client.get(f"http://provider.test:{server.port}/v1/models")
+            client = UpstreamClient(allow, resolver=_resolver({"provider.test": ["127.0.0.1"]}))
+            with pytest.raises(NotSent) as info:
+                await _fetch(client, f"http://provider.test:{server.port}/v1/models")
             assert refused_by_policy(info.value) == (
                 "the provider host provider.test resolves only to non-public addresses (127.0.0.1)"
             )
@@ -408,12 +419,11 @@ def test_explicit_exact_pattern_connects_to_the_checked_address_by_name() -> Non
     async def main() -> None:
         async with _Server() as server:
             allow = AllowList.build([f"http://provider.test:{server.port}"], defaults=False)
-            resolver = _resolver({"provider.test": ["127.0.0.1"]})
-            transport = upstream_transport(allow, resolver=resolver)
-            async with httpx2.AsyncClient(transport=transport) as client:
-                url = f"http://provider.test:{server.port}/v1/models"
-                first, second = await client.get(url), await client.get(url)
-            assert (first.status_code, first.text, second.text) == (200, "ok", "ok")
+            client = UpstreamClient(allow, resolver=_resolver({"provider.test": ["127.0.0.1"]}))
+            url = f"http://provider.test:{server.port}/v1/models"
+            first, second = await _fetch(client, url), await _fetch(client, url)
+            await client.aclose()
+            assert first == second == (200, "yes", b"ok")
             assert server.host_headers() == [f"provider.test:{server.port}"] * 2
             assert server.connections == 1  # kept alive and reused
 
@@ -429,10 +439,12 @@ def test_only_allowed_addresses_are_tried_in_order() -> None:
                 {"provider.test": ["169.254.169.254", "10.0.0.1", "8.8.4.4", "::1", "8.8.8.8"]}
             )
             recorder = _Recorder(redirect={"8.8.8.8": port}, refuse=["8.8.4.4"])
-            transport = upstream_transport(allow, resolver=resolver, network_backend=recorder)
-            async with httpx2.AsyncClient(transport=transport) as client:
-                response = await client.get(f"http://provider.test:{port}/v1/models")
-            assert (response.status_code, response.text) == (200, "ok")
+            client = UpstreamClient(allow, resolver=resolver, opener=recorder)
+            assert await _fetch(client, f"http://provider.test:{port}/v1/models") == (
+                200,
+                "yes",
+                b"ok",
+            )
             assert recorder.attempts == [("8.8.4.4", port), ("8.8.8.8", port)]
             assert server.host_headers() == [f"provider.test:{port}"]
 
@@ -440,71 +452,51 @@ def test_only_allowed_addresses_are_tried_in_order() -> None:
 
 
 def test_https_uses_the_name_for_tls_after_connecting_to_the_ip() -> None:
-    seen: dict[str, Any] = {}
+    seen: list[tuple[str, bool, str | None]] = []
 
-    class _TlsProbe(httpcore2.AsyncNetworkStream):
-        async def start_tls(
-            self,
-            ssl_context: ssl.SSLContext,
-            server_hostname: str | None = None,
-            timeout: float | None = None,
-        ) -> httpcore2.AsyncNetworkStream:
-            seen["server_hostname"] = server_hostname
-            seen["check_hostname"] = ssl_context.check_hostname
-            raise httpcore2.ConnectError("probe stops before the handshake")
-
-        async def aclose(self) -> None:
-            pass
-
-    class _Backend(_Recorder):
-        async def connect_tcp(
-            self,
-            host: str,
-            port: int,
-            timeout: float | None = None,
-            local_address: str | None = None,
-            socket_options: Iterable[Any] | None = None,
-        ) -> httpcore2.AsyncNetworkStream:
-            self.attempts.append((host, port))
-            return _TlsProbe()
+    async def probe(
+        factory: Callable[[], asyncio.Protocol],
+        address: str,
+        port: int,
+        tls: ssl.SSLContext | None,
+        server_hostname: str | None,
+    ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+        assert tls is not None
+        seen.append((address, tls.check_hostname, server_hostname))
+        raise OSError("probe stops before the handshake")
 
     async def main() -> None:
-        backend = _Backend(redirect={})
         resolver = _resolver({"api.openai.com": ["10.0.0.7", "8.8.8.8"]})
-        transport = upstream_transport(DEFAULTS, resolver=resolver, network_backend=backend)
-        async with httpx2.AsyncClient(transport=transport) as client:
-            with pytest.raises(httpx2.ConnectError, match="probe"):
-                await client.get("https://api.openai.com/v1/models")
-        assert backend.attempts == [("8.8.8.8", 443)]
-        assert seen == {"server_hostname": "api.openai.com", "check_hostname": True}
+        client = UpstreamClient(DEFAULTS, resolver=resolver, opener=probe)
+        with pytest.raises(NotSent, match="probe"):
+            await _fetch(client, "https://api.openai.com/v1/models")
 
     asyncio.run(main())
+    assert seen == [("8.8.8.8", True, "api.openai.com")]
 
 
 def test_defaults_refuse_private_resolutions_before_any_socket() -> None:
     async def main() -> None:
-        backend = _Recorder(redirect={})
+        recorder = _Recorder(redirect={})
         resolver = _resolver({"api.openai.com": ["10.0.0.7", "::ffff:169.254.169.254"]})
-        transport = upstream_transport(DEFAULTS, resolver=resolver, network_backend=backend)
-        async with httpx2.AsyncClient(transport=transport) as client:
-            with pytest.raises(httpx2.ConnectError) as info:
-                await client.get("https://api.openai.com/v1/models")
+        client = UpstreamClient(DEFAULTS, resolver=resolver, opener=recorder)
+        with pytest.raises(NotSent) as info:
+            await _fetch(client, "https://api.openai.com/v1/models")
         assert refused_by_policy(info.value) == (
             "the provider host api.openai.com resolves only to non-public addresses "
             "(10.0.0.7, ::ffff:169.254.169.254)"
         )
-        assert backend.attempts == []
+        assert recorder.attempts == []
 
     asyncio.run(main())
 
 
-def test_the_transport_refuses_hosts_off_the_list_without_lookup() -> None:
+def test_the_client_refuses_hosts_off_the_list_without_lookup() -> None:
     async def main() -> None:
         async with _Server() as server:
-            transport = upstream_transport(DEFAULTS, resolver=_no_lookup)
-            async with httpx2.AsyncClient(transport=transport) as client:
-                with pytest.raises(httpx2.ConnectError) as info:
-                    await client.get(f"http://127.0.0.1:{server.port}/v1/models")
+            client = UpstreamClient(DEFAULTS, resolver=_no_lookup)
+            with pytest.raises(NotSent) as info:
+                await _fetch(client, f"http://127.0.0.1:{server.port}/v1/models")
             assert refused_by_policy(info.value) == (
                 f"the host 127.0.0.1:{server.port} is not on the proxy's allow-list"
             )
@@ -517,10 +509,9 @@ def test_explicit_ip_pattern_connects_without_lookup() -> None:
     async def main() -> None:
         async with _Server() as server:
             allow = AllowList.build([f"http://127.0.0.1:{server.port}"], defaults=False)
-            transport = upstream_transport(allow, resolver=_no_lookup)
-            async with httpx2.AsyncClient(transport=transport) as client:
-                response = await client.get(f"http://127.0.0.1:{server.port}/v1/models")
-            assert (response.status_code, server.connections) == (200, 1)
+            client = UpstreamClient(allow, resolver=_no_lookup)
+            status, _, _ = await _fetch(client, f"http://127.0.0.1:{server.port}/v1/models")
+            assert (status, server.connections) == (200, 1)
 
     asyncio.run(main())
 
@@ -531,17 +522,14 @@ def test_default_resolver_with_localhost() -> None:
     async def main() -> None:
         async with _Server() as server:
             allow = AllowList.build([f"http://localhost:{server.port}"], defaults=False)
-            async with httpx2.AsyncClient(transport=upstream_transport(allow)) as client:
-                response = await client.get(f"http://localhost:{server.port}/v1/models")
-            assert (response.status_code, server.host_headers()) == (
-                200,
-                [f"localhost:{server.port}"],
-            )
+            client = UpstreamClient(allow)
+            status, _, _ = await _fetch(client, f"http://localhost:{server.port}/v1/models")
+            assert (status, server.host_headers()) == (200, [f"localhost:{server.port}"])
 
     asyncio.run(main())
 
 
-def test_lookup_failure_and_timeout_are_ordinary_connect_errors() -> None:
+def test_lookup_failure_and_timeout_are_never_sent() -> None:
     async def failing(host: str, port: int) -> list[str]:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
@@ -550,11 +538,10 @@ def test_lookup_failure_and_timeout_are_ordinary_connect_errors() -> None:
         return []
 
     async def main() -> None:
-        for resolver, error in ((failing, httpx2.ConnectError), (hanging, httpx2.ConnectTimeout)):
-            transport = upstream_transport(DEFAULTS, resolver=resolver)
-            async with httpx2.AsyncClient(transport=transport, timeout=0.05) as client:
-                with pytest.raises(error) as info:
-                    await client.get("https://api.openai.com/v1/models")
+        for resolver, error in ((failing, NotSent), (hanging, ConnectTimedOut)):
+            client = UpstreamClient(DEFAULTS, resolver=resolver, timeout=0.05)
+            with pytest.raises(error) as info:
+                await _fetch(client, "https://api.openai.com/v1/models")
             assert refused_by_policy(info.value) is None
 
     asyncio.run(main())
@@ -568,106 +555,21 @@ def test_refused_by_policy_ignores_other_errors() -> None:
     assert refused_by_policy(looped) is None
 
 
-# --- the private-pool seam, against the public transport (STYLE §15) ---------------------
-
-
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def test_seam_behaves_like_the_public_transport() -> None:
+def test_a_closed_port_is_never_sent() -> None:
     closed = _closed_port()
 
-    async def fetch(transport: httpx2.AsyncBaseTransport, port: int) -> tuple[Any, ...]:
-        async with httpx2.AsyncClient(transport=transport) as client:
-            async with client.stream("GET", f"http://127.0.0.1:{port}/v1") as response:
-                body = await response.aread()
-            with pytest.raises(httpx2.ConnectError) as info:
-                await client.get(f"http://127.0.0.1:{closed}/v1")
-        return response.status_code, response.headers["x-served"], body, type(info.value)
-
     async def main() -> None:
-        async with _Server() as server:
-            allow = AllowList.build(
-                [f"http://127.0.0.1:{server.port}", f"http://127.0.0.1:{closed}"], defaults=False
-            )
-            public = await fetch(httpx2.AsyncHTTPTransport(trust_env=False), server.port)
-            ours = await fetch(upstream_transport(allow), server.port)
-            assert ours == public == (200, "yes", b"ok", httpx2.ConnectError)
+        allow = AllowList.build([f"http://127.0.0.1:{closed}"], defaults=False)
+        with pytest.raises(NotSent, match=r"could not connect to 127\.0\.0\.1"):
+            await _fetch(UpstreamClient(allow), f"http://127.0.0.1:{closed}/v1")
 
     asyncio.run(main())
-
-
-def test_with_pool_fails_loudly_when_httpx2_changes() -> None:
-    transport = httpx2.AsyncHTTPTransport()
-    del transport._pool
-    with pytest.raises(RuntimeError, match="_pool"):
-        _with_pool(transport, httpcore2.AsyncConnectionPool())
-
-
-def test_readable_stream_tells_a_hang_up_as_the_anyio_stream_does() -> None:
-    """The pool's "did the server hang up?" check, answered by one poll, agrees with
-    httpcore2's own AnyIO stream: no while the server is quiet, yes once it closed."""
-
-    async def scenario() -> list[tuple[bool, bool]]:
-        closing = asyncio.Event()
-
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await closing.wait()
-            writer.close()
-
-        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        seen = []
-        async with server:
-            inner = await httpcore2.AnyIOBackend().connect_tcp("127.0.0.1", port)
-            stream = ReadableStream(inner)
-            await stream.write(b"")  # a no-op through the wrapper
-            seen.append((stream.get_extra_info("is_readable"), inner.get_extra_info("is_readable")))
-            closing.set()
-            for _ in range(200):  # the FIN arrives soon after
-                await asyncio.sleep(0.01)
-                if inner.get_extra_info("is_readable"):
-                    break
-            seen.append((stream.get_extra_info("is_readable"), inner.get_extra_info("is_readable")))
-            assert await stream.read(10) == b""
-            assert stream.get_extra_info("server_addr") == ("127.0.0.1", port)
-            await stream.aclose()
-        return seen
-
-    assert asyncio.run(scenario()) == [(False, False), (True, True)]
-
-
-class _CountingStream(httpcore2.AsyncNetworkStream):
-    def __init__(self, inner: httpcore2.AsyncNetworkStream, writes: list[bytes]) -> None:
-        self._inner, self._writes = inner, writes
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._inner.read(max_bytes, timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._writes.append(buffer)
-        await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-class _CountingBackend(httpcore2.AsyncNetworkBackend):
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self._inner = httpcore2.AnyIOBackend()
-
-    async def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore2.AsyncNetworkStream:
-        return _CountingStream(await self._inner.connect_tcp(*args, **kwargs), self.writes)
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
 
 
 def test_a_request_goes_upstream_in_one_write() -> None:
@@ -696,24 +598,25 @@ def test_a_request_goes_upstream_in_one_write() -> None:
 
         server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        backend = _CountingBackend()
+        recorder = _Recorder(redirect={"127.0.0.1": port})
         allow = AllowList.build([f"http://127.0.0.1:{port}"], defaults=False)
-        transport = upstream_transport(allow, network_backend=backend)
+        client = UpstreamClient(allow, opener=recorder)
 
         async def upload() -> Any:
             yield b"part1"
             await asyncio.sleep(0.01)
             yield b"part2"
 
-        async with server, httpx2.AsyncClient(transport=transport) as client:
+        async with server:
             base = f"http://127.0.0.1:{port}"
-            for response in (
-                await client.post(f"{base}/v1/a", content=b'{"x": 1}'),
-                await client.get(f"{base}/v1/b"),
-                await client.post(f"{base}/v1/c", content=upload()),
+            for answer in (
+                await _fetch(client, f"{base}/v1/a", "POST", b'{"x": 1}'),
+                await _fetch(client, f"{base}/v1/b"),
+                await _fetch(client, f"{base}/v1/c", "POST", upload()),
             ):
-                assert response.content == b"ok"
-        return backend.writes, received
+                assert answer[2] == b"ok"
+            await client.aclose()
+        return recorder.writes, received
 
     writes, received = asyncio.run(scenario())
     assert received == [

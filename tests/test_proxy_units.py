@@ -294,6 +294,7 @@ _PROXY_MAY_IMPORT = frozenset(
         "tokenlay_otel._usage",
         "tokenlay_otel._pricing",
         "tokenlay_otel._fake_openai",
+        "tokenlay_otel._version",  # the proxy's user-agent upstream
         "tokenlay_otel.exporters",
     }
 )

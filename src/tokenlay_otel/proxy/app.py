@@ -18,7 +18,6 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx2
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import SpanKind
 
@@ -33,11 +32,12 @@ from tokenlay_otel._pricing import PriceBook
 from tokenlay_otel._wire import PROVIDER_BASE_HEADER, PROVIDER_KEY_HEADER, metadata_from_wire
 
 from .call import Call
-from .connect import upstream_transport
+from .connect import UpstreamClient
+from .h1 import Upstream
 from .http import ASGIReceive, ASGISend, Incoming, error_body, send_json
 from .limit_metrics import DEFAULT_TOP, LimitGauges
 from .limits import Enforcer
-from .mock import mock_transport
+from .mock import MockUpstream
 from .providers import AllowList, ProviderError
 from .request import (
     _MAX_MODEL,
@@ -130,15 +130,13 @@ class Gateway:
             description="Time to the upstream's response headers",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
-        # Calls go to the transport itself, not through an httpx2.AsyncClient: a client
-        # keeps a cookie jar, and would send one caller's provider cookies (a load
-        # balancer's session) with every later call, anyone's. It would also follow no
-        # redirect and add no auth here, and its layers were ~3% of the CPU per call.
-        self.transport: httpx2.AsyncBaseTransport = (
-            mock_transport() if config.mock_upstream else upstream_transport(self.allow)
+        # No cookie jar, no redirects, no auth of its own: one caller's provider
+        # cookies (a load balancer's session) must never go out with anyone else's call.
+        self.upstream: Upstream = (
+            MockUpstream()
+            if config.mock_upstream
+            else UpstreamClient(self.allow, timeout=config.upstream_timeout_s)
         )
-        #: Every upstream request's timeouts (connect, read, write, pool), as a client sets.
-        self.upstream_extensions = {"timeout": httpx2.Timeout(config.upstream_timeout_s).as_dict()}
         self.calls: set[Call] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.drains = 0
@@ -359,7 +357,7 @@ class Gateway:
                 await asyncio.wait(pending, timeout=self.config.shutdown_timeout_s)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        await self.transport.aclose()
+        await self.upstream.aclose()
         await self.config.store.close()
 
 

@@ -42,7 +42,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import httpx2
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
@@ -61,10 +60,12 @@ from tokenlay_otel._conventions import (
     metadata_attribute,
 )
 from tokenlay_otel._usage import Usage
+from tokenlay_otel._version import __version__
 from tokenlay_otel._wire import STANDARD_FIELDS
 
 from .connect import refused_by_policy
 from .estimate import input_tokens, output_cap, text_tokens
+from .h1 import ConnectTimedOut, NotSent, TimedOut, UpstreamAnswer, UpstreamError
 from .http import (
     ASGIReceive,
     ASGISend,
@@ -92,21 +93,14 @@ _REST_TIMEOUT_S = 0.25
 _REST_MAX_BYTES = 64 * 1024
 # The provider's headers a caller may act on (its retry advice, its request id).
 _UPSTREAM_HEADERS = ("retry-after", "x-request-id", "x-ratelimit-", "openai-processing-ms")
-# What an httpx2 client would add to each request (its body decoders read these
+# What the proxy's client adds to each request (the upstream client decodes these
 # encodings); the caller's own headers are not forwarded.
 _CLIENT_HEADERS = {
     "accept": "*/*",
     "accept-encoding": "gzip, deflate",
     "connection": "keep-alive",
-    "user-agent": f"python-httpx2/{httpx2.__version__}",
+    "user-agent": f"tokenlay-otel-proxy/{__version__}",
 }
-# Failures that mean the request never reached the provider.
-_NEVER_SENT = (
-    httpx2.ConnectError,
-    httpx2.ConnectTimeout,
-    httpx2.PoolTimeout,
-    httpx2.UnsupportedProtocol,
-)
 
 
 class Call(Responder):
@@ -363,18 +357,13 @@ class Call(Responder):
         with trace.use_span(upstream_span, end_on_exit=False):
             propagate.inject(out)
         url = incoming.base + incoming.suffix + (f"?{incoming.query}" if incoming.query else "")
-        request = httpx2.Request(
-            incoming.method,
-            url,
-            headers=out,
-            content=content if incoming.method != "GET" else None,
-            extensions=self.gw.upstream_extensions,
-        )
         self.asked = True
         sent = time.perf_counter()
         try:
-            upstream = await self.gw.transport.handle_async_request(request)
-        except (httpx2.HTTPError, UploadStopped) as exc:
+            upstream = await self.gw.upstream.send(
+                incoming.method, url, out, content if incoming.method != "GET" else None
+            )
+        except (UpstreamError, UploadStopped) as exc:
             upstream_span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             upstream_span.end()
             if isinstance(exc, UploadStopped):
@@ -386,9 +375,9 @@ class Call(Responder):
             upstream_span.end()
             raise
         self._watch_client()  # the body is all sent: the channel is free to watch
-        upstream_span.set_attribute(HTTP_STATUS_CODE, upstream.status_code)
+        upstream_span.set_attribute(HTTP_STATUS_CODE, upstream.status)
         upstream_span.end()
-        status = upstream.status_code
+        status = upstream.status
         self.gw.upstream_duration.record(time.perf_counter() - sent, {HTTP_STATUS_CODE: status})
         try:
             await self._respond(upstream, headers, injected)
@@ -405,10 +394,10 @@ class Call(Responder):
                 stop.status, stop.message, code, headers, kind="invalid_request_error"
             )
 
-    async def _unreachable(self, exc: httpx2.HTTPError, headers: dict[str, str]) -> None:
+    async def _unreachable(self, exc: UpstreamError, headers: dict[str, str]) -> None:
         host = self.incoming.base.split("/")[2]
         reason = refused_by_policy(exc)
-        if reason or isinstance(exc, _NEVER_SENT):
+        if reason or isinstance(exc, NotSent):
             self.asked, self.refund = False, True
             self.exit = "provider_refused" if reason else "upstream_unreachable"
         else:  # sent, and lost on the way back: the provider may have done the work
@@ -418,18 +407,16 @@ class Call(Responder):
             _log.warning("provider %s refused by the allow-list: %s", host, reason)
             await self._send_error(403, reason, "provider_not_allowed", headers)
             return
-        _log.warning("upstream %s unreachable: %s", host, type(exc).__name__)
-        message = f"the provider at {host} could not be reached ({type(exc).__name__})"
+        _log.warning("upstream %s unreachable: %s", host, exc)
+        message = f"the provider at {host} could not be reached ({_kind(exc)})"
         await self._send_error(502, message, "upstream_unreachable", headers)
 
     async def _respond(
-        self, upstream: httpx2.Response, headers: dict[str, str], injected: bool
+        self, upstream: UpstreamAnswer, headers: dict[str, str], injected: bool
     ) -> None:
-        status = upstream.status_code
-        content_type = upstream.headers.get("content-type", "")
-        headers.update(
-            (k, v) for k, v in upstream.headers.items() if k.lower().startswith(_UPSTREAM_HEADERS)
-        )
+        status = upstream.status
+        content_type = upstream.header("content-type") or ""
+        headers.update((k, v) for k, v in upstream.headers if k.startswith(_UPSTREAM_HEADERS))
         if status >= 400:
             self.exit, self.refund = "upstream_error", status >= 500 or status == 429
             payload = await self._read_whole(upstream, MAX_ERROR_BYTES)
@@ -457,28 +444,28 @@ class Call(Responder):
         await self._send_whole(status, payload, content_type, headers)
 
     async def _read_whole(
-        self, upstream: httpx2.Response, limit: int = MAX_RESPONSE_BYTES
+        self, upstream: UpstreamAnswer, limit: int = MAX_RESPONSE_BYTES
     ) -> bytes | None:
         """The answer's body, or ``None`` when it was cut or too large."""
         chunks, size = [], 0
         try:
-            async for chunk in upstream.aiter_bytes():
+            async for chunk in upstream.chunks():
                 size += len(chunk)
                 if size > limit:
                     _log.warning("an upstream answer passed %d bytes", limit)
                     return None
                 chunks.append(chunk)
-        except httpx2.HTTPError as exc:
-            _log.info("the upstream answer was cut: %s", type(exc).__name__)
+        except UpstreamError as exc:
+            _log.info("the upstream answer was cut: %s", exc)
             return None
         return b"".join(chunks)
 
     async def _relay(
-        self, upstream: httpx2.Response, status: int, content_type: str, headers: dict[str, str]
+        self, upstream: UpstreamAnswer, status: int, content_type: str, headers: dict[str, str]
     ) -> None:
         tap = self.tap
         await self._start(status, content_type, headers)
-        chunks = upstream.aiter_bytes()
+        chunks = upstream.chunks()
         try:
             async for chunk in chunks:
                 for data, final in tap.feed(chunk) if tap is not None else ((chunk, False),):
@@ -489,9 +476,9 @@ class Call(Responder):
                         await _drop_rest(chunks)
                         return
                     await self._body(data)
-        except httpx2.HTTPError as exc:
+        except UpstreamError as exc:
             self.exit = "upstream_cut"
-            _log.info("the upstream stream was cut: %s", type(exc).__name__)
+            _log.info("the upstream stream was cut: %s", exc)
         else:
             self.exit = "client_gone" if self.gone else "done"
         rest = tap.flush() if tap is not None else b""
@@ -606,12 +593,19 @@ async def _drop_rest(chunks: AsyncIterator[bytes]) -> None:
     connection go back to the pool, where closing it half-read would cost the next
     stream a new connection (~2 ms to its first chunk, measured)."""
     size = 0
-    with contextlib.suppress(httpx2.HTTPError, TimeoutError):
+    with contextlib.suppress(UpstreamError, TimeoutError):
         async with asyncio.timeout(_REST_TIMEOUT_S):
             async for chunk in chunks:
                 size += len(chunk)
                 if size > _REST_MAX_BYTES:
                     return
+
+
+def _kind(exc: UpstreamError) -> str:
+    """What went wrong, in the words HTTP client libraries use."""
+    if isinstance(exc, NotSent):
+        return "ConnectTimeout" if isinstance(exc, ConnectTimedOut) else "ConnectError"
+    return "ReadTimeout" if isinstance(exc, TimedOut) else "ReadError"
 
 
 def _json_or_none(payload: bytes) -> Any:

@@ -1,37 +1,55 @@
-"""Upstream sockets that go only where the allow-list permits (the SSRF seam).
+"""Provider connections that go only where the allow-list permits (the SSRF seam), and
+the pool that keeps them.
 
 The host is resolved here, once; the socket is opened to a checked address, never to
-the name, so no second lookup can answer differently (DNS rebinding).
+the name, so no second lookup can answer differently (DNS rebinding). TLS then uses
+the name (SNI and the certificate check), as a client connecting by name would.
 """
 
 from __future__ import annotations
 
-import select
+import asyncio
 import socket
 import ssl
-from collections.abc import Iterable
-from typing import Any
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
-import anyio
-import httpcore2
-import httpx2
-
+from .h1 import Answer, Connection, ConnectTimedOut, Lost, NotSent, UpstreamError, request_head
 from .providers import AllowList, Resolver, ip_literal
 
-__all__ = ["ReadableStream", "refused_by_policy", "upstream_transport"]
+__all__ = [
+    "Lost",
+    "NotSent",
+    "Opener",
+    "PolicyRefusal",
+    "UpstreamClient",
+    "UpstreamError",
+    "refused_by_policy",
+]
+
+#: ``(protocol_factory, address, port, ssl_context, server_hostname) -> (transport,
+#: protocol)``: opens a socket to one checked address (``loop.create_connection``).
+Opener = Callable[
+    [Callable[[], asyncio.Protocol], str, int, "ssl.SSLContext | None", "str | None"],
+    Awaitable[tuple[asyncio.BaseTransport, asyncio.Protocol]],
+]
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_MAX_ORIGINS = 1024
 
 
-class _PolicyRefusal(httpcore2.ConnectError):
-    """The allow-list refused every address; httpx2 surfaces it as ``httpx2.ConnectError``."""
+class PolicyRefusal(NotSent):
+    """The allow-list refused every address of a host, or the host itself."""
 
 
 def refused_by_policy(exc: BaseException) -> str | None:
     """The reason if ``exc`` (or its ``__cause__``/``__context__`` chain) is an allow-list
-    refusal by :func:`upstream_transport`, else None."""
+    refusal, else None."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, _PolicyRefusal):
+        if isinstance(current, PolicyRefusal):
             return str(current)
         seen.add(id(current))
         current = current.__cause__ or current.__context__
@@ -39,248 +57,315 @@ def refused_by_policy(exc: BaseException) -> str | None:
 
 
 async def _getaddrinfo(host: str, port: int) -> list[str]:
-    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [str(info[4][0]) for info in infos]
 
 
-#: The largest request head held back to go out with its body.
-_MAX_HELD = 64 * 1024
+async def _create_connection(
+    factory: Callable[[], asyncio.Protocol],
+    address: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str | None,
+) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+    loop = asyncio.get_running_loop()
+    return await loop.create_connection(
+        factory, address, port, ssl=ssl_context, server_hostname=server_hostname
+    )
 
 
-class ReadableStream(httpcore2.AsyncNetworkStream):
-    """A network stream that tells ``is_readable`` with one ``poll`` on a socket found once.
+def _ssl_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    if not verify:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:  # the bundle openai's own client trusts (httpx and httpx2 both use certifi)
+        import certifi
 
-    httpcore2's pool asks every idle connection ``is_readable`` (did the server hang
-    up?) each time it hands out or takes back a connection; the AnyIO stream answers by
-    building its attribute table anew to find the socket, then a new poll object. That
-    was 12% of the proxy's CPU under load with 16 connections (py-spy); this answers
-    the same question for a few microseconds.
+        return ssl.create_default_context(cafile=certifi.where())
+    except ImportError:
+        return ssl.create_default_context()
 
-    It also sends a request's head with the first piece of its body, in one write:
-    httpcore2 writes them apart (and an empty one after a sized body), each a system
-    call and a wake-up of the provider's side. A head waits here only until the next
-    write or read on the connection, so nothing is ever held past the request.
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    scheme: str
+    host: str  # no brackets
+    port: int
+    host_header: str
+
+
+def _origin(text: str) -> _Origin:
+    """``scheme://netloc`` as the proxy checked it (:meth:`AllowList.check_base`)."""
+    scheme, sep, netloc = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _DEFAULT_PORTS:
+        raise NotSent(f"the scheme of {text[:60]!r} is not http or https")
+    if not netloc or "@" in netloc:
+        raise NotSent("the provider address has no host, or has user information")
+    if netloc.startswith("["):
+        host, _, rest = netloc[1:].partition("]")
+    else:
+        host, _, port_text = netloc.partition(":")
+        rest = ":" + port_text if port_text else ""
+    port = _DEFAULT_PORTS[scheme]
+    if rest:
+        digits = rest.removeprefix(":")
+        if not (digits.isdigit() and len(digits) <= 5 and 0 < int(digits) < 65536):
+            raise NotSent(f"the provider address has port {digits[:8]!r}")
+        port = int(digits)
+    return _Origin(scheme, host.lower(), port, netloc)
+
+
+class UpstreamClient:
+    """HTTP/1.1 to the providers the allow-list permits, over kept-alive connections.
+
+    Args:
+        allow: the allow-list; hosts it does not name are refused here too.
+        resolver: ``(host, port) -> [ip, ...]``; default the event loop's getaddrinfo.
+        opener: opens a socket to one checked address (tests redirect it); default
+            ``loop.create_connection``.
+        verify: an ``ssl.SSLContext``, or whether to check certificates (certifi's
+            bundle when installed, as openai's client).
+        timeout: seconds for each step: connecting (lookup, TCP, TLS), waiting for a
+            free connection, each write, and each wait for the answer's next bytes.
+        max_connections: open connections at most (callers share them: a small cap
+            lets a few slow readers hold everyone's turn). max_idle: kept open while
+            unused, at most; ``idle_expiry``: seconds an unused one is trusted.
     """
 
-    def __init__(self, inner: httpcore2.AsyncNetworkStream) -> None:
-        self._inner = inner
-        self._head = b""  # a request's head, not sent yet
-        self._fresh = True  # no write since the last read: the next one is a head
-        self._poll: Any = None
-        sock = inner.get_extra_info("socket")
-        if sock is not None and hasattr(select, "poll"):
-            self._poll = select.poll()
-            self._poll.register(sock.fileno(), select.POLLIN)
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        if self._head:
-            head, self._head = self._head, b""
-            await self._inner.write(head, timeout)
-        self._fresh = True
-        return await self._inner.read(max_bytes, timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if self._fresh and buffer.endswith(b"\r\n\r\n") and len(buffer) <= _MAX_HELD:
-            self._fresh, self._head = False, buffer
-            return
-        self._fresh = False
-        if self._head:
-            buffer, self._head = self._head + buffer, b""
-        if buffer:
-            await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        self._poll = None
-        self._head = b""
-        await self._inner.aclose()
-
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore2.AsyncNetworkStream:
-        return ReadableStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable" and self._poll is not None:
-            return bool(self._poll.poll(0))
-        return self._inner.get_extra_info(info)
-
-
-class _CheckedBackend(httpcore2.AsyncNetworkBackend):
-    """Resolves each host itself and hands the inner backend an allowed IP, never the
-    name, so no second lookup can answer differently (DNS rebinding). httpcore2 does
-    TLS afterwards with ``server_hostname`` = the origin's name (connection.py,
-    ``_connect``), so SNI and the certificate check still use the name."""
-
     def __init__(
-        self, allow: AllowList, resolver: Resolver, inner: httpcore2.AsyncNetworkBackend
+        self,
+        allow: AllowList,
+        *,
+        resolver: Resolver | None = None,
+        opener: Opener | None = None,
+        verify: ssl.SSLContext | bool = True,
+        timeout: float = 600.0,
+        max_connections: int = 1000,
+        max_idle: int = 100,
+        idle_expiry: float = 5.0,
     ) -> None:
         self._allow = allow
-        self._resolver = resolver
-        self._inner = inner
+        self._resolver = resolver or _getaddrinfo
+        self._opener = opener or _create_connection
+        self._ssl = _ssl_context(verify)
+        self.timeout = timeout
+        self._max_connections = max_connections
+        self._max_idle = max_idle
+        self._idle_expiry = idle_expiry
+        self._origins: dict[str, _Origin] = {}
+        self._idle: dict[_Origin, list[Connection]] = {}
+        self._idle_count = 0
+        self._open: set[Connection] = set()
+        self._slot_waiters: deque[asyncio.Future[bool]] = deque()
+        self._closed = False
 
-    async def connect_tcp(
+    async def send(
         self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore2.SOCKET_OPTION] | None = None,
-    ) -> httpcore2.AsyncNetworkStream:
-        # One deadline for the lookup and every attempt, as httpcore2 means by "connect".
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> Answer:
+        """Send a request; its answer once the status and headers came.
+
+        A sized body goes out with the head in one write; a streamed one (an async
+        iterator) goes chunked unless ``headers`` give its ``content-length``.
+
+        Raises:
+            NotSent: nothing reached the provider (no connection, refused, no free
+                connection in time, a request HTTP cannot carry).
+            Lost: the request went out; no whole head came back in time.
+            Anything the body's iterator raises, after closing the connection.
+        """
+        origin, target = self._split(url)
+        if body is None:
+            framing = None
+        elif isinstance(body, bytes):
+            framing = f"content-length: {len(body)}"
+        else:
+            framing = None if "content-length" in headers else "transfer-encoding: chunked"
+        head = request_head(method, target, origin.host_header, headers, framing)
+        connection = await self._acquire(origin)
+        answer = Answer(connection, self.timeout, self._release)
+        connection.begin(answer)
         try:
-            with anyio.fail_after(timeout):
-                addresses = await self._allowed_addresses(host, port)
-                return await self._connect_first(addresses, port, local_address, socket_options)
+            if body is None:
+                connection.write(head)
+            elif isinstance(body, bytes):
+                connection.write(head + body)
+                await connection.drain(self.timeout)
+            else:
+                await self._upload(connection, head, body, chunked=framing is not None)
+            await answer.wait_head()
+        except BaseException:
+            await answer.aclose()
+            raise
+        return answer
+
+    async def _upload(
+        self, connection: Connection, head: bytes, body: AsyncIterator[bytes], *, chunked: bool
+    ) -> None:
+        pending = head  # the head leaves with the first piece of the body, in one write
+        async for chunk in body:
+            if not chunk:
+                continue
+            piece = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
+            connection.write(pending + piece)
+            pending = b""
+            await connection.drain(self.timeout)
+        connection.write(pending + (b"0\r\n\r\n" if chunked else b""))
+        await connection.drain(self.timeout)
+
+    def _split(self, url: str) -> tuple[_Origin, str]:
+        scheme_end = url.find("://")
+        path_start = url.find("/", scheme_end + 3) if scheme_end >= 0 else -1
+        if path_start < 0:
+            path_start = len(url)
+        prefix = url[:path_start]
+        origin = self._origins.get(prefix)
+        if origin is None:
+            origin = _origin(prefix)
+            if len(self._origins) < _MAX_ORIGINS:
+                self._origins[prefix] = origin
+        return origin, url[path_start:] or "/"
+
+    # --- the pool --------------------------------------------------------------------
+
+    async def _acquire(self, origin: _Origin) -> Connection:
+        loop = asyncio.get_running_loop()
+        idle = self._idle.get(origin)
+        while idle:
+            connection = idle.pop()
+            self._idle_count -= 1
+            if connection.usable and loop.time() - connection.idle_since < self._idle_expiry:
+                return connection
+            connection.close()
+        if self._closed:
+            raise NotSent("the proxy is shutting down")
+        deadline = loop.time() + self.timeout
+        while len(self._open) >= self._max_connections:
+            if self._close_oldest_idle():
+                continue
+            waiter = loop.create_future()
+            self._slot_waiters.append(waiter)
+            timer = loop.call_later(max(0.0, deadline - loop.time()), _give_up, waiter)
+            try:
+                freed = await waiter
+            finally:
+                timer.cancel()
+            if not freed:
+                raise NotSent(f"no free provider connection within {self.timeout:g} s")
+            idle = self._idle.get(origin)
+            if idle:
+                return await self._acquire(origin)
+        return await self._connect(origin)
+
+    def _release(self, connection: Connection, keep: bool) -> None:
+        if keep and not self._closed and self._idle_count < self._max_idle:
+            connection.idle_since = asyncio.get_running_loop().time()
+            self._idle.setdefault(connection.key, []).append(connection)
+            self._idle_count += 1
+        elif keep:
+            connection.close()
+        self._wake_one()
+
+    def _lost(self, connection: Connection) -> None:
+        self._open.discard(connection)
+        if connection.idle_since:
+            idle = self._idle.get(connection.key)
+            if idle and connection in idle:
+                idle.remove(connection)
+                self._idle_count -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(True)
+                return
+
+    def _close_oldest_idle(self) -> bool:
+        oldest: Connection | None = None
+        for connections in self._idle.values():
+            if connections and (oldest is None or connections[0].idle_since < oldest.idle_since):
+                oldest = connections[0]
+        if oldest is None:
+            return False
+        self._idle[oldest.key].remove(oldest)
+        self._idle_count -= 1
+        self._open.discard(oldest)  # its connection_lost comes later; the slot is free now
+        oldest.close()
+        return True
+
+    async def _connect(self, origin: _Origin) -> Connection:
+        # One deadline for the lookup and every attempt, as a client means by "connect".
+        try:
+            async with asyncio.timeout(self.timeout):
+                addresses = await self._allowed_addresses(origin.host, origin.port)
+                connection = await self._open_first(origin, addresses)
         except TimeoutError as exc:
-            raise httpcore2.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
+            raise ConnectTimedOut(f"connecting to {origin.host_header} timed out") from exc
+        connection.key = origin
+        self._open.add(connection)
+        return connection
 
     async def _allowed_addresses(self, host: str, port: int) -> list[str]:
-        literal = ip_literal(host.removeprefix("[").removesuffix("]"))
+        literal = ip_literal(host)
         if literal is not None:
             resolved = [str(literal)]
         else:
             try:
                 resolved = list(dict.fromkeys(await self._resolver(host, port)))
             except OSError as exc:
-                raise httpcore2.ConnectError(f"could not resolve {host}: {exc}") from exc
+                raise NotSent(f"could not resolve {host}: {exc}") from exc
             if not resolved:
-                raise httpcore2.ConnectError(f"{host} resolved to no address")
+                raise NotSent(f"{host} resolved to no address")
         allowed = [a for a in resolved if self._allow.address_allowed(host, port, a)]
         if allowed:
             return allowed
         if not self._allow.names(host, port):
-            raise _PolicyRefusal(f"the host {host}:{port} is not on the proxy's allow-list")
+            raise PolicyRefusal(f"the host {host}:{port} is not on the proxy's allow-list")
         shown = ", ".join(resolved[:4]) + (", ..." if len(resolved) > 4 else "")
-        raise _PolicyRefusal(
+        raise PolicyRefusal(
             f"the provider host {host} resolves only to non-public addresses ({shown})"
         )
 
-    async def _connect_first(
-        self,
-        addresses: list[str],
-        port: int,
-        local_address: str | None,
-        socket_options: Iterable[httpcore2.SOCKET_OPTION] | None,
-    ) -> httpcore2.AsyncNetworkStream:
-        options = list(socket_options or ())
-        for address in addresses[:-1]:
+    async def _open_first(self, origin: _Origin, addresses: list[str]) -> Connection:
+        tls = self._ssl if origin.scheme == "https" else None
+        name = origin.host if tls is not None else None
+        failure: Exception | None = None
+        for address in addresses:
             try:
-                return ReadableStream(
-                    await self._inner.connect_tcp(
-                        address, port, local_address=local_address, socket_options=options
-                    )
+                _, protocol = await self._opener(
+                    lambda: Connection(self._lost), address, origin.port, tls, name
                 )
-            except httpcore2.ConnectError:
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                failure = exc
                 continue
-        return ReadableStream(
-            await self._inner.connect_tcp(
-                addresses[-1], port, local_address=local_address, socket_options=options
-            )
-        )
+            if not isinstance(protocol, Connection):
+                raise TypeError("the opener must return the protocol it was given")
+            return protocol
+        raise NotSent(f"could not connect to {origin.host_header}: {failure}") from failure
 
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[httpcore2.SOCKET_OPTION] | None = None,
-    ) -> httpcore2.AsyncNetworkStream:
-        raise _PolicyRefusal("unix sockets are never provider connections")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-def upstream_transport(
-    allow: AllowList,
-    *,
-    resolver: Resolver | None = None,
-    network_backend: httpcore2.AsyncNetworkBackend | None = None,
-    verify: ssl.SSLContext | bool = True,
-    limits: httpx2.Limits | None = None,
-    http2: bool = False,
-    retries: int = 0,
-) -> httpx2.AsyncBaseTransport:
-    """An ``httpx2`` transport whose every connection goes to an address ``allow`` permits.
-
-    Args:
-        allow: the allow-list; hosts it does not name are refused here too.
-        resolver: ``(host, port) -> [ip, ...]``; default ``anyio.getaddrinfo``.
-        network_backend: opens the sockets to the checked IPs; default httpcore2's.
-        verify: as ``httpx2.AsyncHTTPTransport``'s (an ``ssl.SSLContext`` or bool).
-        limits: connection limits; default 1,000 connections, 100 kept alive.
-        http2: allow HTTP/2. retries: connect retries.
-
-    Returns:
-        The transport. Pass it as ``httpx2.AsyncClient(transport=...)``: a client with an
-        explicit transport ignores ``HTTP(S)_PROXY``, which would bypass the check.
-    """
-    # Callers share the pool: a small one lets a few slow readers hold everyone's turn.
-    limits = limits or httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
-    ssl_context = httpx2.create_ssl_context(verify=verify, trust_env=False)
-    transport = httpx2.AsyncHTTPTransport(
-        verify=ssl_context, trust_env=False, http2=http2, limits=limits, retries=retries
-    )
-    backend = _CheckedBackend(
-        allow, resolver or _getaddrinfo, network_backend or httpcore2.AnyIOBackend()
-    )
-    if not hasattr(httpcore2.AsyncConnectionPool, "_assign_requests_to_connections"):
-        raise RuntimeError("httpcore2's pool has no _assign_requests_to_connections; update _Pool")
-    pool = _Pool(
-        ssl_context=ssl_context,
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
-        http2=http2,
-        retries=retries,
-        network_backend=backend,
-    )
-    return _with_pool(transport, pool)
+    async def aclose(self) -> None:
+        """Close every idle connection; those in use close when their answer ends."""
+        self._closed = True
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        self._idle.clear()
+        self._idle_count = 0
+        for waiter in self._slot_waiters:
+            _give_up(waiter)
+        self._slot_waiters.clear()
 
 
-class _Pool(httpcore2.AsyncConnectionPool):
-    """httpcore2's pool, which never hands out a connection holding unread bytes, and
-    takes no cancellation shield per request for no connection.
-
-    An upstream that sends anything after the end of an answer, in the same read, has
-    those bytes kept by h11 as the start of the connection's next answer: the next
-    call on that connection, anyone's, would be answered with them (and its own answer
-    left on the wire for the call after). So an idle connection whose parser holds
-    bytes is closed before requests are given connections. httpcore2 has no public
-    hook for it; :func:`upstream_transport` fails loudly if the method is renamed.
-
-    The pool calls ``_close_connections`` twice per request, nearly always with none
-    to close; its AnyIO shield was ~3% of the proxy's CPU under load (py-spy). If
-    httpcore2 renames the method, this is a no-op and the pool works as before."""
-
-    def _assign_requests_to_connections(self) -> list[httpcore2.AsyncConnectionInterface]:
-        tainted = [c for c in self._connections if c.is_idle() and _holds_unread(c)]
-        for connection in tainted:
-            self._connections.remove(connection)
-        return [*tainted, *super()._assign_requests_to_connections()]
-
-    async def _close_connections(self, closing: list[httpcore2.AsyncConnectionInterface]) -> None:
-        if closing:
-            await super()._close_connections(closing)
-
-
-def _holds_unread(connection: httpcore2.AsyncConnectionInterface) -> bool:
-    """Whether an HTTP/1.1 connection's parser holds bytes past its last answer."""
-    state = getattr(getattr(connection, "_connection", None), "_h11_state", None)
-    trailing = getattr(state, "trailing_data", None)
-    return bool(trailing and trailing[0])
-
-
-def _with_pool(
-    transport: httpx2.AsyncHTTPTransport, pool: httpcore2.AsyncConnectionPool
-) -> httpx2.AsyncHTTPTransport:
-    # httpx2's transport takes no network_backend. Swapping its private pool keeps its
-    # request building and its exception mapping for requests and streamed bodies
-    # (~60 lines and a 14-entry map we would otherwise copy). If httpx2 renames the
-    # attribute, fail loudly: a silent no-op would leave connections unchecked.
-    if not isinstance(getattr(transport, "_pool", None), httpcore2.AsyncConnectionPool):
-        raise RuntimeError("httpx2.AsyncHTTPTransport has no _pool to replace; update _with_pool")
-    transport._pool = pool
-    return transport
+def _give_up(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)

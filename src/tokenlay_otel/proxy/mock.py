@@ -1,6 +1,7 @@
 """``--mock-upstream``: a deterministic OpenAI-compatible upstream inside the proxy.
 
-It is an ``httpx2`` transport, so the proxy's real forwarding code runs unchanged;
+It answers through the same interface as the real upstream client
+(:class:`~.h1.Upstream`), so the proxy's forwarding code runs unchanged;
 answers carry realistic token counts (about four characters a token) and stream with
 a usage chunk when asked, so demos and tests need no keys and no network.
 """
@@ -14,8 +15,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2
-
 from tokenlay_otel._fake_openai import (
     SSE_DONE,
     chat_chunks,
@@ -27,7 +26,7 @@ from tokenlay_otel._fake_openai import (
     sse_event,
 )
 
-__all__ = ["mock_transport"]
+__all__ = ["MockUpstream"]
 
 _REPLIES = (
     "Sure — here is a short answer to your question.",
@@ -111,8 +110,8 @@ def _embeddings(body: dict[str, Any], model: str) -> dict[str, Any]:
     return embeddings(model, vectors, _prompt_tokens(body))
 
 
-def _json(status: int, data: Any) -> httpx2.Response:
-    return httpx2.Response(status, json=data)
+def _json(status: int, data: Any) -> MockAnswer:
+    return MockAnswer(status, "application/json", json.dumps(data).encode())
 
 
 def _cached_tokens(seen: set[str], body: dict[str, Any]) -> int:
@@ -125,12 +124,12 @@ def _cached_tokens(seen: set[str], body: dict[str, Any]) -> int:
     return 0
 
 
-async def _handle(request: httpx2.Request, seen: set[str]) -> httpx2.Response:
-    path = request.url.path.rstrip("/")
-    if request.method == "GET" and path.endswith("/models"):
+def _handle(method: str, path: str, content: bytes, seen: set[str]) -> MockAnswer:
+    path = path.split("?", 1)[0].rstrip("/")
+    if method == "GET" and path.endswith("/models"):
         return _json(200, {"object": "list", "data": [{"id": "mock-model", "object": "model"}]})
     try:
-        body = json.loads(request.content or b"{}")
+        body = json.loads(content or b"{}")
     except ValueError:
         return _json(
             400, {"error": {"message": "invalid JSON body", "type": "invalid_request_error"}}
@@ -138,11 +137,7 @@ async def _handle(request: httpx2.Request, seen: set[str]) -> httpx2.Response:
     model = str(body.get("model") or "gpt-4o-mini")
     if path.endswith("/chat/completions"):
         if body.get("stream"):
-            return httpx2.Response(
-                200,
-                content=_chat_stream(body, model),
-                headers={"content-type": "text/event-stream"},
-            )
+            return MockAnswer(200, "text/event-stream", _chat_stream(body, model))
         return _json(200, _chat(body, model, _cached_tokens(seen, body)))
     if path.endswith("/responses"):
         return _json(200, _responses(body, model))
@@ -164,11 +159,46 @@ async def _handle(request: httpx2.Request, seen: set[str]) -> httpx2.Response:
     )
 
 
-def mock_transport() -> httpx2.MockTransport:
-    """The mock upstream as an ``httpx2`` transport."""
-    seen: set[str] = set()
+class MockAnswer:
+    """A canned answer, read as the real client's :class:`~.h1.Answer` is."""
 
-    async def handle(request: httpx2.Request) -> httpx2.Response:
-        return await _handle(request, seen)
+    def __init__(self, status: int, content_type: str, body: bytes | AsyncIterator[bytes]) -> None:
+        self.status = status
+        self.headers = [("content-type", content_type)]
+        self._body = body
 
-    return httpx2.MockTransport(handle)
+    def header(self, name: str) -> str | None:
+        return dict(self.headers).get(name)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if isinstance(self._body, bytes):
+            yield self._body
+            return
+        async for chunk in self._body:
+            yield chunk
+
+    async def aclose(self) -> None:
+        if not isinstance(self._body, bytes):
+            await self._body.aclose()  # type: ignore[attr-defined]  # an async generator
+
+
+class MockUpstream:
+    """The mock upstream as the proxy's upstream client."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> MockAnswer:
+        if body is not None and not isinstance(body, bytes):
+            body = b"".join([chunk async for chunk in body])
+        path = "/" + url.split("://", 1)[-1].partition("/")[2]
+        return _handle(method, path, body or b"", self._seen)
+
+    async def aclose(self) -> None:
+        pass
