@@ -19,6 +19,20 @@ from tokenlay_otel.proxy import ProxyConfig
 from tokenlay_otel.proxy.local import free_port, local_proxy
 
 PROXY_KEY = "tl-proxy-key-123"
+#: Run every proxy process of the tests with this many workers where the test does not
+#: say (``TOKENLAY_TEST_PROXY_WORKERS=2``): the trust checks, across workers.
+ENV_TEST_WORKERS = "TOKENLAY_TEST_PROXY_WORKERS"
+
+
+def with_test_workers(
+    args: tuple[str, ...], environ: dict[str, str] | None = None
+) -> tuple[str, ...]:
+    """``args``, plus ``--workers N`` when ``TOKENLAY_TEST_PROXY_WORKERS`` asks for it and
+    ``args`` do not choose."""
+    workers = (os.environ if environ is None else environ).get(ENV_TEST_WORKERS, "").strip()
+    if not workers or any(a == "--workers" or a.startswith("--workers=") for a in args):
+        return args
+    return (*args, "--workers", workers)
 
 
 def wait_http(url: str, timeout: float = 20) -> None:
@@ -57,8 +71,11 @@ def proxy_process(*args: str, env: dict[str, str] | None = None) -> Iterator[str
 def proxy_subprocess(
     *args: str, env: dict[str, str] | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """``tokenlay-otel proxy`` in its own process; (its URL, the process)."""
+    """``tokenlay-otel proxy`` in its own process; (its URL, the process). With
+    ``TOKENLAY_TEST_PROXY_WORKERS`` set, the process is the parent of that many workers
+    (unless ``args`` choose)."""
     port = free_port()
+    args = with_test_workers(args)
     command = [sys.executable, "-m", "tokenlay_otel.cli", "proxy", "--port", str(port), *args]
     proc = subprocess.Popen(
         command,
