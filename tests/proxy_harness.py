@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -95,6 +96,32 @@ def proxy_subprocess(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux ``/proc``; none elsewhere)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def kill_proxy(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the proxy process and its workers, if it has any: no shutdown and no
+    settlement anywhere. (Killing the parent alone stops its workers gently.)"""
+    import signal
+
+    proc.send_signal(signal.SIGSTOP)  # forks no replacement while its workers die
+    for worker in children_of(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
 
 
 @contextmanager

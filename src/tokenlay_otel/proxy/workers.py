@@ -258,8 +258,9 @@ class _Supervisor:
             self.worst = max(self.worst, code)
             return None
         self._read_ready()
-        if pid not in self.started:
+        if pid not in self.started and code > 0:
             # A worker that cannot start would fail the same way each time it is forked.
+            # (One killed by a signal while starting, the OOM killer's, is replaced.)
             print(f"tokenlay-otel proxy: worker {pid} {describe_exit(status)} before it "
                   "could serve; stopping", file=sys.stderr, flush=True)  # fmt: skip
             self.stop()
