@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -19,6 +20,20 @@ from tokenlay_otel.proxy import ProxyConfig
 from tokenlay_otel.proxy.local import free_port, local_proxy
 
 PROXY_KEY = "tl-proxy-key-123"
+#: Run every proxy process of the tests with this many workers where the test does not
+#: say (``TOKENLAY_TEST_PROXY_WORKERS=2``): the trust checks, across workers.
+ENV_TEST_WORKERS = "TOKENLAY_TEST_PROXY_WORKERS"
+
+
+def with_test_workers(
+    args: tuple[str, ...], environ: dict[str, str] | None = None
+) -> tuple[str, ...]:
+    """``args``, plus ``--workers N`` when ``TOKENLAY_TEST_PROXY_WORKERS`` asks for it and
+    ``args`` do not choose."""
+    workers = (os.environ if environ is None else environ).get(ENV_TEST_WORKERS, "").strip()
+    if not workers or any(a == "--workers" or a.startswith("--workers=") for a in args):
+        return args
+    return (*args, "--workers", workers)
 
 
 def wait_http(url: str, timeout: float = 20) -> None:
@@ -57,8 +72,11 @@ def proxy_process(*args: str, env: dict[str, str] | None = None) -> Iterator[str
 def proxy_subprocess(
     *args: str, env: dict[str, str] | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """``tokenlay-otel proxy`` in its own process; (its URL, the process)."""
+    """``tokenlay-otel proxy`` in its own process; (its URL, the process). With
+    ``TOKENLAY_TEST_PROXY_WORKERS`` set, the process is the parent of that many workers
+    (unless ``args`` choose)."""
     port = free_port()
+    args = with_test_workers(args)
     command = [sys.executable, "-m", "tokenlay_otel.cli", "proxy", "--port", str(port), *args]
     proc = subprocess.Popen(
         command,
@@ -78,6 +96,32 @@ def proxy_subprocess(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux ``/proc``; none elsewhere)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def kill_proxy(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the proxy process and its workers, if it has any: no shutdown and no
+    settlement anywhere. (Killing the parent alone stops its workers gently.)"""
+    import signal
+
+    proc.send_signal(signal.SIGSTOP)  # forks no replacement while its workers die
+    for worker in children_of(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
 
 
 @contextmanager

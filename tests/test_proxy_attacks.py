@@ -259,7 +259,7 @@ def test_a_utf8_value_names_one_user_however_it_is_sent(store: StoreView) -> Non
 
 
 def test_a_killed_proxy_frees_its_slots_within_one_lease(tmp_path: Any) -> None:
-    from .proxy_harness import proxy_subprocess
+    from .proxy_harness import kill_proxy, proxy_subprocess
 
     rules_file = tmp_path / "rules.json"
     rules_file.write_text(
@@ -285,8 +285,7 @@ def test_a_killed_proxy_frees_its_slots_within_one_lease(tmp_path: Any) -> None:
         ) as response:
             assert response.status_code == 200
             assert view.leases() == 1
-            process.kill()  # SIGKILL: no shutdown, no settlement
-            process.wait()
+            kill_proxy(process)  # SIGKILL (its workers too): no shutdown, no settlement
             with pytest.raises(httpx2.HTTPError):
                 response.read()
         killed = time.monotonic()

@@ -323,3 +323,33 @@ def test_the_proxy_imports_only_the_contract_and_public_sdk_pieces() -> None:
         if not name.startswith("tokenlay_otel.proxy") and name not in _PROXY_MAY_IMPORT
     }
     assert outside == set()
+
+
+def test_workers_dying_fast_wait_longer_to_be_replaced() -> None:
+    from tokenlay_otel.proxy.workers import restart_delay
+
+    now = 1000.0
+    assert restart_delay([], now, 2) == 0
+    assert restart_delay([now - 1, now], now, 2) == 0  # one death each: at once
+    assert restart_delay([now - 2, now - 1, now], now, 2) == 0.25
+    assert restart_delay([now - 3, now - 2, now - 1, now], now, 2) == 0.5
+    assert restart_delay([now - i * 0.1 for i in range(50)], now, 2) == 5.0  # capped
+    assert restart_delay([now - 30, now - 20, now - 11, now], now, 2) == 0  # long ago
+
+
+def test_a_worker_exit_in_words() -> None:
+    import os
+    import signal
+
+    from tokenlay_otel.proxy.workers import describe_exit
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3)
+    assert describe_exit(os.waitpid(pid, 0)[1]) == "exited with status 3"
+    pid = os.fork()
+    if pid == 0:
+        signal.pause()
+        os._exit(0)
+    os.kill(pid, signal.SIGKILL)
+    assert describe_exit(os.waitpid(pid, 0)[1]) == "was killed by SIGKILL"

@@ -85,7 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         metavar="N",
         help="processes serving the port, sharing the store (SQLite file or Redis) so limits "
-        "stay exact across them; 0 or 'auto': one per core (default: %(default)s)",
+        "stay exact across them; one that dies is replaced, its concurrency slots free "
+        "within --lease-seconds, its calls' reservations kept; one that cannot start stops "
+        "the proxy; 0 or 'auto': one per core (default: %(default)s)",
     )
     add("--rules", help="rules file, YAML or JSON (default: none, allow everything)")
     add(

@@ -99,11 +99,16 @@ def _telemetry_name() -> str:
 
 
 def _announcing_server(
-    config: uvicorn.Config, line: Callable[[str], str], *, announce: bool = True
+    config: uvicorn.Config,
+    line: Callable[[str], str],
+    *,
+    announce: bool = True,
+    on_started: Callable[[], None] = lambda: None,
 ) -> uvicorn.Server:
     """A uvicorn server that says on stderr when it listens (``line(address)``) and when
     it has stopped (after the calls in flight settled); quiet with ``announce=False``
-    (a worker: the parent speaks for them all)."""
+    (a worker: the parent speaks for them all). ``on_started`` runs once it serves (a
+    worker tells its parent so)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -111,6 +116,8 @@ def _announcing_server(
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
+            if self.started:
+                on_started()
             if self.started and announce:
                 listening = [s for server in self.servers for s in server.sockets]
                 self.address = _address(listening, config.host, config.port)
@@ -150,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     limits = server_limits(args)
     workers = worker_count(args.workers)
 
-    def serve(sockets: list[socket.socket] | None, announce: bool) -> int:
+    def serve(sockets: list[socket.socket], announce: bool, on_started: Callable[[], None]) -> int:
         # Built here, in the process that serves: a store connection, the upstream
         # client and the telemetry exporters are not shared across a fork.
         if os.environ.get("OTEL_TRACES_EXPORTER") or os.environ.get("OTEL_METRICS_EXPORTER"):
@@ -171,11 +178,12 @@ def run(args: argparse.Namespace) -> int:
                 args, address=address, keys=len(keys), rules=len(rules), options=options
             ),
             announce=announce,
+            on_started=on_started,
         )
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn has shut down already
             server.run(sockets=sockets)
         return 0 if server.started else 3  # uvicorn's exit status for a failed startup
 
     if workers == 1:
-        return serve([listen(args.host, args.port)], announce=True)
+        return serve([listen(args.host, args.port)], True, lambda: None)
     return _prefork(args, workers, serve)
