@@ -511,3 +511,93 @@ def test_bytes_after_an_answer_never_answer_another_call(store: StoreView, strea
     assert b"bob's" in texts[1]
     assert b"FORGED" not in texts[1]
     assert upstream.connections == 2
+
+
+class _EarlyAnswerUpstream:
+    """A keep-alive upstream that refuses an upload (``/files``) as soon as its head
+    comes, before its body, as servers may (a 401, a 413); then reads the body its
+    length announced. Every other request gets an honest answer."""
+
+    def __init__(self, honest: bytes) -> None:
+        self.honest = honest
+        self.heads: list[bytes] = []
+        #: What each upload's connection read as its body.
+        self.upload_bodies: list[bytes] = []
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        reader = conn.makefile("rb")
+        with conn:
+            try:
+                while True:
+                    head, length = b"", 0
+                    while (line := reader.readline()) not in (b"\r\n", b""):
+                        head += line
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    if not line:
+                        return
+                    self.heads.append(head)
+                    if b"/files" in head.split(b"\r\n")[0]:
+                        refusal = b'{"error": "no"}'
+                        conn.sendall(b"HTTP/1.1 401 X\r\ncontent-length: %d\r\n\r\n" % len(refusal))
+                        conn.sendall(refusal)
+                        self.upload_bodies.append(reader.read(length))
+                    else:
+                        reader.read(length)
+                        conn.sendall(self.honest)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def test_an_upload_cut_after_an_early_answer_never_carries_the_next_call(
+    store: StoreView,
+) -> None:
+    """An upload the client stops after the provider already answered it (an early
+    refusal) was half sent: its connection must not serve the next call, whose request
+    (its provider key with it) would otherwise be read as the rest of that upload's
+    body, a body the first caller chose and the provider may keep (a file)."""
+    upstream = _EarlyAnswerUpstream(_json_answer("bob's"))
+    try:
+        with gateway(
+            store, mock_upstream=False, allow_providers=(upstream.url,), upstream_timeout_s=3
+        ) as proxy:
+            port = int(proxy.rsplit(":", 1)[1])
+            head = (
+                f"POST /v1/files HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {PROXY_KEY}\r\n"
+                f"x-tokenlay-provider-key: {PROVIDER_KEY}\r\n"
+                f"x-tokenlay-provider-base: {upstream.url}/v1\r\n"
+                "content-type: application/octet-stream\r\ncontent-length: 2000\r\n\r\n"
+            ).encode()
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(head + b"alice's file: ")
+                assert wait_for(lambda: len(upstream.heads) == 1)
+                time.sleep(0.3)  # the early answer has reached the proxy
+            time.sleep(0.3)  # the upload is stopped; its connection was given back
+            r = httpx2.post(
+                proxy + "/v1/chat/completions",
+                json=CHAT,
+                headers=auth(upstream.url + "/v1", **{"x-tokenlay-user": "bob"}),
+                timeout=10,
+            )
+    finally:
+        upstream.close()
+    assert r.status_code == 200
+    assert b"bob's" in r.content
+    assert not any(b"authorization" in body.lower() for body in upstream.upload_bodies)

@@ -193,6 +193,7 @@ class UpstreamClient:
         connection = await self._acquire(origin)
         answer = Answer(connection, self.timeout, self._release)
         connection.begin(answer)
+        sent = False
         try:
             if body is None:
                 connection.write(head)
@@ -201,8 +202,14 @@ class UpstreamClient:
                 await connection.drain(self.timeout)
             else:
                 await self._upload(connection, head, body, chunked=framing is not None)
+            sent = True
             await answer.wait_head()
         except BaseException:
+            if not sent:
+                # A request cut short, even one already answered (an early refusal),
+                # leaves the provider reading its body: the next request on this
+                # connection would be read as the rest of it.
+                connection.close()
             await answer.aclose()
             raise
         return answer
