@@ -601,3 +601,31 @@ def test_an_upload_cut_after_an_early_answer_never_carries_the_next_call(
     assert r.status_code == 200
     assert b"bob's" in r.content
     assert not any(b"authorization" in body.lower() for body in upstream.upload_bodies)
+
+
+def test_an_answers_trailers_are_never_the_next_calls_headers(store: StoreView) -> None:
+    """Trailers after a chunked answer's last chunk belong to that answer: they were
+    kept and read as the head of the next answer on the connection, someone else's
+    (its rate-limit advice, even its content-encoding, which failed their call)."""
+    body = chat_body({"prompt_tokens": 3, "completion_tokens": 2}, "alice's")
+    first = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n"
+        b"\r\n%x\r\n%s\r\n0\r\nx-ratelimit-remaining-requests: 0\r\ncontent-encoding: gzip\r\n\r\n"
+    ) % (len(body), body)
+    upstream = _KeepAliveUpstream(first, _json_answer("bob's"))
+    try:
+        with gateway(store, mock_upstream=False, allow_providers=(upstream.url,)) as proxy:
+            answers = [
+                httpx2.post(
+                    proxy + "/v1/chat/completions",
+                    json=CHAT,
+                    headers=auth(upstream.url + "/v1", **{"x-tokenlay-user": user}),
+                    timeout=10,
+                )
+                for user in ("alice", "bob")
+            ]
+    finally:
+        upstream.close()
+    assert [r.status_code for r in answers] == [200, 200]
+    assert b"bob's" in answers[1].content
+    assert "x-ratelimit-remaining-requests" not in answers[1].headers

@@ -204,6 +204,9 @@ class Connection(asyncio.Protocol):
             raise _Unsolicited  # a second answer in the same bytes
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        answer = self._answer
+        if answer is not None and answer.status:
+            return  # a trailer: kept, it would head the next answer on this connection
         self._head_names.append(name)
         self._head_values.append(value)
 
