@@ -293,6 +293,41 @@ def test_cut_or_malformed_answers_are_lost_not_half_read(answer: bytes) -> None:
     run(handler, scenario)
 
 
+_MEGABYTE = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nx-big: %s\r\ncontent-length: 2\r\n\r\nok" % (b"a" * _MEGABYTE),
+        b"HTTP/1.1 200 OK\r\n%scontent-length: 2\r\n\r\nok" % (b"x: y\r\n" * (_MEGABYTE // 6)),
+        b"HTTP/1.1 100 Continue\r\n\r\n" * (_MEGABYTE // 25) + _ok(b"ok"),
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-big: %s\r\n\r\n"
+        % (b"a" * _MEGABYTE),
+    ],
+    ids=["long-header", "many-headers", "endless-1xx", "long-trailer"],
+)
+def test_a_head_or_trailers_past_the_bound_are_lost(answer: bytes) -> None:
+    """llhttp bounds no head, and httptools gathers a header value by concatenation:
+    a provider sending an endless one held the event loop for a time growing with its
+    square (64 MB: 25 s) and its memory. A whole answer, so only the bound stops it."""
+
+    async def handler(
+        server: Scripted, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int
+    ) -> None:
+        await server.request(reader)
+        writer.write(answer)
+        await writer.drain()
+        await reader.read()
+
+    async def scenario(server: Scripted) -> None:
+        client = client_for(server)
+        with pytest.raises(Lost, match="bytes of head or trailers"):
+            await get(client, server)
+
+    run(handler, scenario)
+
+
 def test_the_pool_bound_waits_then_gives_up_as_never_sent() -> None:
     async def scenario(server: Scripted) -> Any:
         client = client_for(server, max_connections=1, timeout=0.2)

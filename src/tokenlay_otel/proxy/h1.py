@@ -44,6 +44,10 @@ _HIGH_WATER = 256 * 1024
 #: Most bytes one decompression step may produce, so a small compressed body cannot
 #: make one huge piece before the caller's size limit sees it.
 _INFLATE_STEP = 256 * 1024
+#: Most bytes between two pieces of body (a head, 1xx answers, trailers), as httpcore
+#: allowed: llhttp sets no bound, and httptools gathers a header by concatenation, so
+#: an endless one cost memory and event-loop time growing with its square (64 MB: 25 s).
+_MAX_HEAD = 100 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _TARGET = re.compile(r"/[\x21-\x7e]*")
@@ -148,6 +152,7 @@ class Connection(asyncio.Protocol):
         self._head_names: list[bytes] = []
         self._head_values: list[bytes] = []
         self._informational = False
+        self._unframed = 0  # bytes fed since the last piece of body
         self.usable = True
         self.idle_since = 0.0
         self.key: Any = None
@@ -161,7 +166,7 @@ class Connection(asyncio.Protocol):
         self._transport = None
         self.usable = False
         answer = self._answer
-        if answer is not None and not answer.complete:
+        if answer is not None and not answer.complete and answer.error is None:
             if answer.status and answer.close_delimited:
                 answer.complete = True  # framed by the end of the connection
             else:
@@ -183,6 +188,7 @@ class Connection(asyncio.Protocol):
         if self._answer is None or self._answer.complete:
             self._taint()  # nobody asked: bytes while idle, or past the answer's end
             return
+        self._unframed += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -192,6 +198,9 @@ class Connection(asyncio.Protocol):
                 self._taint()
             else:
                 self._fail(Lost(f"the provider's answer is malformed ({exc})"))
+            return
+        if self._unframed > _MAX_HEAD and self._answer is not None and not self._answer.complete:
+            self._fail(Lost(f"the provider sent over {_MAX_HEAD} bytes of head or trailers"))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost settles the answer
@@ -226,6 +235,7 @@ class Connection(asyncio.Protocol):
         answer = self._answer
         if answer is None or not answer.status:
             return
+        self._unframed = 0
         answer.buffer.append(body)
         answer.buffered += len(body)
         if answer.buffered > _HIGH_WATER and not self._paused_reading and self._transport:
@@ -248,6 +258,7 @@ class Connection(asyncio.Protocol):
 
     def begin(self, answer: Answer) -> None:
         self._answer = answer
+        self._unframed = 0
         self.idle_since = 0.0
 
     def write(self, data: bytes) -> None:
