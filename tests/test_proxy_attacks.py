@@ -629,3 +629,64 @@ def test_an_answers_trailers_are_never_the_next_calls_headers(store: StoreView) 
     assert [r.status_code for r in answers] == [200, 200]
     assert b"bob's" in answers[1].content
     assert "x-ratelimit-remaining-requests" not in answers[1].headers
+
+
+def test_a_refusal_before_the_body_then_a_close_is_relayed_not_charged(
+    store: StoreView,
+) -> None:
+    """A provider may refuse a large request from its head alone (a 413) and close
+    without reading the body. That answer is the one to relay, as an error the provider
+    does not bill: it was taken for an answer lost mid-way (a 502, charged an estimate
+    of a request the provider never ran)."""
+    refusal = b'{"error": {"message": "too large"}}'
+    answer = b"HTTP/1.1 413 X\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (
+        len(refusal),
+        refusal,
+    )
+    heads: list[bytes] = []
+
+    def refuse(conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            heads.append(data.partition(b"\r\n\r\n")[0])
+            conn.sendall(answer)
+            time.sleep(0.3)  # the answer is read, then the unread body resets the close
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=refuse, args=(server.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    tokens = parse_rules(
+        [
+            {
+                "id": "t",
+                "if": {},
+                "then": {
+                    "limits": [{"type": "tokens", "max": 10**9, "per": "user", "window": "total"}]
+                },
+            }
+        ]
+    )
+    big = {**CHAT, "messages": [{"role": "user", "content": "word " * 4_000_000}]}
+    try:
+        with gateway(store, tokens, mock_upstream=False, allow_providers=(url,)) as proxy:
+            r = httpx2.post(
+                proxy + "/v1/chat/completions",
+                json=big,
+                headers=auth(url + "/v1", **{"x-tokenlay-user": "alice"}),
+                timeout=30,
+            )
+    finally:
+        server.close()
+    assert len(heads) == 1
+    assert r.status_code == 413
+    assert store.tokens(value="alice") == 0

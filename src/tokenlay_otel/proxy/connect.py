@@ -204,7 +204,13 @@ class UpstreamClient:
                 await self._upload(connection, head, body, chunked=framing is not None)
             sent = True
             await answer.wait_head()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, Lost) and answer.status:
+                # Answered before the provider took the whole request (an early 413),
+                # then it closed or stopped reading: that answer is the one to relay,
+                # as HTTP clients do; its connection still owes a body, so it closes.
+                answer.to_close = True
+                return answer
             if not sent:
                 # A request cut short, even one already answered (an early refusal),
                 # leaves the provider reading its body: the next request on this
