@@ -342,6 +342,27 @@ def test_the_pool_bound_waits_then_gives_up_as_never_sent() -> None:
     assert run(serve_forever(_ok(b"ok")), scenario) == ((200, b"ok"), 1)
 
 
+def test_the_pool_bound_holds_for_calls_that_connect_at_once() -> None:
+    """Connections still being opened count against the bound: a burst of calls each
+    saw the open set below it and all connected (200 at once against a bound of 20)."""
+
+    async def handler(
+        server: Scripted, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int
+    ) -> None:
+        while True:
+            await server.request(reader)
+            await asyncio.sleep(0.05)
+            writer.write(_ok(b"ok"))
+            await writer.drain()
+
+    async def scenario(server: Scripted) -> Any:
+        client = client_for(server, max_connections=4)
+        answers = await asyncio.gather(*(get(client, server) for _ in range(40)))
+        return answers == [(200, b"ok")] * 40, server.connections
+
+    assert run(handler, scenario) == (True, 4)
+
+
 def test_a_slow_reader_holds_a_bounded_buffer() -> None:
     body = b"x" * (8 << 20)
 

@@ -161,6 +161,7 @@ class UpstreamClient:
         self._idle: dict[_Origin, list[Connection]] = {}
         self._idle_count = 0
         self._open: set[Connection] = set()
+        self._connecting = 0  # connections being opened: they count against the bound
         self._slot_waiters: deque[asyncio.Future[bool]] = deque()
         self._closed = False
 
@@ -261,7 +262,7 @@ class UpstreamClient:
         if self._closed:
             raise NotSent("the proxy is shutting down")
         deadline = loop.time() + self.timeout
-        while len(self._open) >= self._max_connections:
+        while len(self._open) + self._connecting >= self._max_connections:
             if self._close_oldest_idle():
                 continue
             waiter = loop.create_future()
@@ -276,7 +277,14 @@ class UpstreamClient:
             idle = self._idle.get(origin)
             if idle:
                 return await self._acquire(origin)
-        return await self._connect(origin)
+        self._connecting += 1
+        try:
+            return await self._connect(origin)
+        except BaseException:
+            self._wake_one()  # the slot it held is free again
+            raise
+        finally:
+            self._connecting -= 1
 
     def _release(self, connection: Connection, keep: bool) -> None:
         if keep and not self._closed and self._idle_count < self._max_idle:
