@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
+import struct
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -169,6 +171,28 @@ def test_a_body_ended_by_close_is_read_whole_and_its_connection_not_kept() -> No
     got, connections = run(handler, scenario)
     assert got == [(200, b"until the end")] * 2
     assert connections == 2
+
+
+def test_a_body_ended_by_close_is_cut_when_the_connection_is_reset() -> None:
+    """Only a clean close ends a body framed by the connection: a reset is a cut (the
+    provider failed mid-answer), not an end, and the part read is not the answer."""
+
+    async def handler(
+        server: Scripted, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int
+    ) -> None:
+        await server.request(reader)
+        writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n{"half": ')
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async def scenario(server: Scripted) -> None:
+        with pytest.raises(Lost):
+            await get(client_for(server), server)
+
+    run(handler, scenario)
 
 
 def test_an_informational_answer_is_skipped() -> None:

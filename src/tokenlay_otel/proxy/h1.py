@@ -167,8 +167,8 @@ class Connection(asyncio.Protocol):
         self.usable = False
         answer = self._answer
         if answer is not None and not answer.complete and answer.error is None:
-            if answer.status and answer.close_delimited:
-                answer.complete = True  # framed by the end of the connection
+            if answer.status and answer.close_delimited and exc is None:
+                answer.complete = True  # framed by the end of the connection; a reset cuts it
             else:
                 answer.error = Lost("the provider closed the connection mid-answer")
         self._wake()
