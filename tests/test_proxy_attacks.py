@@ -690,3 +690,27 @@ def test_a_refusal_before_the_body_then_a_close_is_relayed_not_charged(
     assert len(heads) == 1
     assert r.status_code == 413
     assert store.tokens(value="alice") == 0
+
+
+@pytest.mark.parametrize("status", [b"012", b"600"])
+def test_a_status_http_does_not_have_is_a_502_not_a_dropped_answer(
+    store: StoreView, status: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """llhttp takes any three digits for a status: one outside 100-599 went on to the
+    caller's server, which has no status line for it and dropped the answer (a
+    KeyError, an empty reply), after the call was settled as done."""
+    body = chat_body({"prompt_tokens": 3, "completion_tokens": 2})
+    with raw_upstream() as upstream:
+        upstream.answers = [
+            b"HTTP/1.1 %s X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (status, len(body), body)
+        ]
+        with gateway(store, mock_upstream=False, allow_providers=(upstream.url,)) as proxy:
+            r = httpx2.post(
+                proxy + "/v1/chat/completions",
+                json=CHAT,
+                headers=auth(upstream.url + "/v1"),
+                timeout=10,
+            )
+    assert r.status_code == 502
+    assert "Traceback" not in caplog.text

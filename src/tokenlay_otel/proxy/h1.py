@@ -226,6 +226,9 @@ class Connection(asyncio.Protocol):
         if 100 <= status < 200:
             self._informational = True  # 100 Continue and the like: the answer follows
             return
+        if status >= 600 or status < 100:  # llhttp takes any three digits
+            self._fail(Lost(f"the provider answered with status {status}, not HTTP's"))
+            return
         answer = self._answer
         assert answer is not None  # on_message_begin refused a message without one
         answer.start(status, names, values, self._parser.should_keep_alive())
