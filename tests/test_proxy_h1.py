@@ -479,3 +479,37 @@ def test_an_upload_that_fails_closes_the_connection_and_raises_its_own_error() -
         await reader.read()
 
     assert run(handler, scenario) == ((200, b"next"), 2)
+
+
+def test_the_pool_keeps_no_entry_for_origins_it_no_longer_holds() -> None:
+    """Callers can name many hosts under a wildcard pattern: the pool's bookkeeping
+    must shrink back as their connections close, not keep one entry per host ever."""
+
+    async def handler(
+        server: Scripted, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int
+    ) -> None:
+        await server.request(reader)
+        writer.write(_ok(b"ok"))  # kept alive, then closed by the provider while idle
+        await writer.drain()
+        await asyncio.sleep(0.01)
+
+    async def scenario(server: Scripted) -> Any:
+        # A wildcard reaches global addresses only: the test resolves every host to
+        # 8.8.8.8 and its opener goes to the server on 127.0.0.1 instead.
+        allow = AllowList.build([f"http://*.test:{server.port}"], defaults=False)
+
+        async def public(host: str, port: int) -> list[str]:
+            return ["8.8.8.8"]
+
+        async def to_server(factory: Any, address: str, port: int, *_: Any) -> Any:
+            loop = asyncio.get_running_loop()
+            return await loop.create_connection(factory, "127.0.0.1", server.port)
+
+        client = UpstreamClient(allow, resolver=public, opener=to_server)
+        for n in range(20):
+            answer = await client.send("GET", f"http://h{n}.test:{server.port}/v1/x", {}, None)
+            assert await read(answer) == b"ok"
+        await asyncio.sleep(0.2)  # every provider closed its idle connection by now
+        return len(client._idle), server.connections
+
+    assert run(handler, scenario) == (0, 20)

@@ -256,6 +256,8 @@ class UpstreamClient:
         while idle:
             connection = idle.pop()
             self._idle_count -= 1
+            if not idle:
+                del self._idle[origin]  # one entry per origin in use, not per origin ever
             if connection.usable and loop.time() - connection.idle_since < self._idle_expiry:
                 return connection
             connection.close()
@@ -302,6 +304,8 @@ class UpstreamClient:
             if idle and connection in idle:
                 idle.remove(connection)
                 self._idle_count -= 1
+                if not idle:
+                    del self._idle[connection.key]
         self._wake_one()
 
     def _wake_one(self) -> None:
@@ -318,8 +322,11 @@ class UpstreamClient:
                 oldest = connections[0]
         if oldest is None:
             return False
-        self._idle[oldest.key].remove(oldest)
+        idle = self._idle[oldest.key]
+        idle.remove(oldest)
         self._idle_count -= 1
+        if not idle:
+            del self._idle[oldest.key]
         self._open.discard(oldest)  # its connection_lost comes later; the slot is free now
         oldest.close()
         return True
