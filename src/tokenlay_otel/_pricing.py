@@ -20,7 +20,14 @@ from ._safety import log
 from ._usage import Usage
 from ._wire import MAX_REPORTED_COST_USD
 
-__all__ = ["CostSource", "ModelRates", "PriceBook", "load_price_overrides", "warm_up"]
+__all__ = [
+    "CostSource",
+    "ModelRates",
+    "PriceBook",
+    "load_price_overrides",
+    "load_prices",
+    "warm_up",
+]
 
 CostSource = Literal["proxy", "local", "unknown"]
 _PER_MILLION = 1_000_000
@@ -220,16 +227,18 @@ class PriceBook:
         return None
 
 
+def load_prices() -> None:
+    """Import genai-prices and load its data now (it takes ~0.2 s); a failure is logged
+    and left for the first lookup to meet."""
+    try:
+        from genai_prices import Usage as PricesUsage
+        from genai_prices import calc_price
+
+        calc_price(PricesUsage(input_tokens=1), "gpt-4o-mini", provider_id="openai")
+    except Exception:
+        log.debug("could not preload genai-prices", exc_info=True)
+
+
 def warm_up() -> None:
-    """Import genai-prices and load its data in the background (it takes ~0.2 s)."""
-
-    def load() -> None:
-        try:
-            from genai_prices import Usage as PricesUsage
-            from genai_prices import calc_price
-
-            calc_price(PricesUsage(input_tokens=1), "gpt-4o-mini", provider_id="openai")
-        except Exception:
-            log.debug("could not preload genai-prices", exc_info=True)
-
-    threading.Thread(target=load, name="tokenlay-prices-warm-up", daemon=True).start()
+    """:func:`load_prices` in the background."""
+    threading.Thread(target=load_prices, name="tokenlay-prices-warm-up", daemon=True).start()
