@@ -4,11 +4,12 @@ CPython's cyclic collector stops the event loop while it walks a generation. A f
 (generation 2) collection walks every object the process holds, and the proxy holds a
 lot that never changes: the openai SDK and its pydantic models (imported with the
 package, ~840 modules, costly to traverse) and genai-prices' table (~20,000 objects,
-loaded by the first priced call). Under load a full collection comes every ~1.3 s (the
+loaded by the first priced call). Under load a full collection came every ~1.3 s (the
 promotions of calls in flight add up to a quarter of the old generation) and took
-55-75 ms: every call in flight waited for it. Measured with benchmarks/gateways.py's
-set-up (2 cores, wrk, 16 connections): p99 65-90 ms for a 9 ms median, with and without
-a store; with this set-up, p99 12-16 ms, the same as with the collector switched off.
+53-80 ms (gc.callbacks): every call in flight waited for it. benchmarks/gateways.py
+(2 cores, wrk, 16 connections): p99 74-97 ms, allow rule and SQLite limits alike, for
+a 9 ms median, the slowest 3-4 % of calls; with this set-up, full collections take 4-9 ms
+and p99 is 15-29 ms (14.5 ms measured with the collector off; the spread is the machine).
 
 So once the process has started: load what calls would load lazily, collect the
 start-up garbage, and freeze the rest (``gc.freeze``: moved out of the generations, so

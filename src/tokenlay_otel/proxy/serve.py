@@ -120,7 +120,7 @@ def _announcing_server(
             await super().startup(sockets=sockets)
             if self.started:
                 # Before the first call: a full collection walking the start-up heap
-                # stalled every call in flight for 55-75 ms (see heap.py).
+                # stalled every call in flight for 53-80 ms (see heap.py).
                 settle_heap()
                 on_started()
             if self.started and announce:
