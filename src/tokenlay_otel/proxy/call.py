@@ -79,6 +79,8 @@ from .limits import Decision, Reservation
 from .upstream import StreamTap, body_usage, with_stream_usage
 
 if TYPE_CHECKING:
+    from tokenlay_otel._pricing import PriceBook
+
     from .app import Gateway
 
 __all__ = ["Call", "UploadStopped"]
@@ -156,8 +158,8 @@ class Call(Responder):
         return input_tokens(data) if data is not None and self.incoming.endpoint else 0
 
     def price(self, usage: Usage, model: str | None) -> float | None:
-        models = (model, self.model, self.requested)
-        return valid_cost(self.gw.config.prices.cost(usage, models, self.incoming.provider_base))
+        fallback = (self.model, self.requested)
+        return _price(self.gw.config.prices, self.incoming.provider_base, fallback, usage, model)
 
     def _estimate(self, model: str | None) -> Reservation:
         tokens = self.input_estimate + self.output_cap
@@ -188,7 +190,10 @@ class Call(Responder):
                 await self._send_error(500, "the proxy failed on this call", "proxy_error")
         finally:
             if self._watcher is not None:
+                # Dropped, not only cancelled: the task's CancelledError holds its frame,
+                # which holds this call, a cycle per call for the collector to find.
                 self._watcher.cancel()
+                self._watcher = None
             if self._draining:
                 self.gw.drains -= 1
             try:
@@ -426,7 +431,14 @@ class Call(Responder):
         endpoint = self.incoming.endpoint
         if "text/event-stream" in content_type or endpoint is None:
             if endpoint is not None:
-                self.tap = StreamTap(self.price, drop_usage_chunk=injected, endpoint=endpoint)
+                # Not self.price: a tap holding the call would make a cycle per stream.
+                price = functools.partial(
+                    _price,
+                    self.gw.config.prices,
+                    self.incoming.provider_base,
+                    (self.model, self.requested),
+                )
+                self.tap = StreamTap(price, drop_usage_chunk=injected, endpoint=endpoint)
             await self._relay(upstream, status, content_type, headers)
             return
         payload = await self._read_whole(upstream)
@@ -599,6 +611,18 @@ async def _drop_rest(chunks: AsyncIterator[bytes]) -> None:
                 size += len(chunk)
                 if size > _REST_MAX_BYTES:
                     return
+
+
+def _price(
+    prices: PriceBook,
+    base: str | None,
+    fallback: tuple[str | None, str | None],
+    usage: Usage,
+    model: str | None,
+) -> float | None:
+    """A call's cost: ``model`` priced first, then the model the call ran on, then the
+    one it asked for."""
+    return valid_cost(prices.cost(usage, (model, *fallback), base))
 
 
 def _kind(exc: UpstreamError) -> str:
