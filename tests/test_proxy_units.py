@@ -353,3 +353,26 @@ def test_a_worker_exit_in_words() -> None:
         os._exit(0)
     os.kill(pid, signal.SIGKILL)
     assert describe_exit(os.waitpid(pid, 0)[1]) == "was killed by SIGKILL"
+
+
+def test_the_store_thread_waits_for_a_lock_by_polling_and_only_for_locks() -> None:
+    from tokenlay_otel.proxy.store_sqlite import _patiently
+
+    attempts: list[int] = []
+
+    def locked_twice() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise sqlite3.OperationalError("database is locked")
+        return "written"
+
+    assert _patiently(locked_twice) == "written" and len(attempts) == 3
+
+    def broken() -> str:
+        attempts.append(1)
+        raise sqlite3.OperationalError("no such table: usage")
+
+    attempts.clear()
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        _patiently(broken)
+    assert len(attempts) == 1
