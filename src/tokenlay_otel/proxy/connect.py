@@ -15,18 +15,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from .h1 import Answer, Connection, ConnectTimedOut, Lost, NotSent, UpstreamError, request_head
+from .h1 import Answer, Connection, ConnectTimedOut, Lost, NotSent, request_head
 from .providers import AllowList, Resolver, ip_literal
 
-__all__ = [
-    "Lost",
-    "NotSent",
-    "Opener",
-    "PolicyRefusal",
-    "UpstreamClient",
-    "UpstreamError",
-    "refused_by_policy",
-]
+__all__ = ["Opener", "PolicyRefusal", "UpstreamClient", "refused_by_policy"]
 
 #: ``(protocol_factory, address, port, ssl_context, server_hostname) -> (transport,
 #: protocol)``: opens a socket to one checked address (``loop.create_connection``).
@@ -44,16 +36,9 @@ class PolicyRefusal(NotSent):
 
 
 def refused_by_policy(exc: BaseException) -> str | None:
-    """The reason if ``exc`` (or its ``__cause__``/``__context__`` chain) is an allow-list
-    refusal, else None."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, PolicyRefusal):
-            return str(current)
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    """The reason if ``exc`` is an allow-list refusal, else None. (The client raises it
+    itself: no other library's error wraps it any more.)"""
+    return str(exc) if isinstance(exc, PolicyRefusal) else None
 
 
 async def _getaddrinfo(host: str, port: int) -> list[str]:

@@ -215,7 +215,7 @@ class Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         answer = self._answer
         if answer is not None and answer.status:
-            return  # a trailer: kept, it would head the next answer on this connection
+            return  # a trailer: dropped (kept, it would head this connection's next answer)
         self._head_names.append(name)
         self._head_values.append(value)
 
@@ -316,12 +316,11 @@ class Connection(asyncio.Protocol):
         return keep
 
     def close(self) -> None:
-        self.usable = False
+        self._taint()
         self._answer = None
-        if self._transport is not None:
-            self._transport.close()
 
     def _taint(self) -> None:
+        """Never to be used again; the answer in progress stays (it may be whole)."""
         self.usable = False
         if self._transport is not None:
             self._transport.close()
@@ -376,7 +375,7 @@ class Answer:
         self,
         connection: Connection,
         read_timeout: float,
-        release: Callable[[Connection, bool], None] | None = None,
+        release: Callable[[Connection, bool], None],
     ) -> None:
         self.status = 0
         self.headers: list[tuple[str, str]] = []
@@ -465,19 +464,14 @@ class Answer:
         self._done()
 
     def _done(self) -> None:
+        """Give the connection back: to the pool when the answer came whole and nothing
+        else came, otherwise closed. Once; later calls do nothing."""
         connection, self._connection = self._connection, None
-        if connection is not None and self._release is not None:
+        if connection is not None:
             self._release(connection, connection.finish())
 
     async def aclose(self) -> None:
-        """Give the connection back: to the pool when the answer came whole and nothing
-        else came, otherwise closed."""
-        connection, self._connection = self._connection, None
-        if connection is None:
-            return
-        keep = connection.finish()
-        if self._release is not None:
-            self._release(connection, keep)
+        self._done()
 
 
 def _decoder(encodings: list[str]) -> Any:

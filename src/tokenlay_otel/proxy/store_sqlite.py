@@ -42,7 +42,7 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is None:
         return "locked" in str(exc) or "busy" in str(exc)
-    return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return code & 0xFF in _BUSY_CODES
 
 
 #: The store thread's waits for a lock another connection holds: from this, doubling to
@@ -120,23 +120,20 @@ class SQLiteStore(UsageStore):
             # create the tables; SQLite answers one of them "database is locked" at once
             # when their locks would deadlock (its busy handler does not wait then). The
             # setup is idempotent, so it is tried again, for as long as a lock may wait.
-            deadline = time.monotonic() + _BUSY_TIMEOUT_S
-            while True:
-                db = sqlite3.connect(str(self.path), timeout=_BUSY_TIMEOUT_S, isolation_level=None)
-                try:
-                    self._set_up(db)
-                    # The thread waits for locks itself (_patiently), not in SQLite's
-                    # busy handler; set after the set-up, which may wait in it.
-                    db.execute("PRAGMA busy_timeout=0")
-                    break
-                except sqlite3.OperationalError as exc:
-                    db.close()
-                    code = exc.sqlite_errorcode & 0xFF
-                    if code not in _BUSY_CODES or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-            self._db = db
+            self._db = _patiently(self._open)
         return self._db
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            self._set_up(db)
+            # The thread waits for locks itself (_patiently), not in SQLite's busy
+            # handler; set after the set-up, which may wait in it.
+            db.execute("PRAGMA busy_timeout=0")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     @staticmethod
     def _set_up(db: sqlite3.Connection) -> None:
